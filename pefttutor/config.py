@@ -1,0 +1,54 @@
+"""Run-wide settings: fast vs full mode, seeding, device and cache locations.
+
+`PEFTTUTOR_FAST=1` (set by `make test`) shrinks data and steps so every notebook runs in about a
+minute; full mode, the default, produces the results the committed notebooks show.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+def is_fast() -> bool:
+    """True when `PEFTTUTOR_FAST` is set to a true value (1/true/yes)."""
+    return os.environ.get("PEFTTUTOR_FAST", "").strip().lower() in {"1", "true", "yes"}
+
+
+def full_or_fast(full: T, fast: T) -> T:
+    """Pick a setting by mode: `steps = full_or_fast(300, 20)`."""
+    return fast if is_fast() else full
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """`PEFTTUTOR_DEVICE` or `prefer` if given, else CUDA when present, else CPU."""
+    name = prefer or os.environ.get("PEFTTUTOR_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: `PEFTTUTOR_CACHE`, else `~/.cache/pefttutor`."""
+    path = Path(os.environ.get("PEFTTUTOR_CACHE", Path.home() / ".cache" / "pefttutor"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def repo_root() -> Path:
+    """The checkout's top folder (holds `data/`, `notebooks/`, `figures/`)."""
+    return Path(__file__).resolve().parent.parent
