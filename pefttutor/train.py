@@ -1,0 +1,241 @@
+"""One training loop for every method.
+
+A method only decides which parameters are trainable (see `pefttutor.methods`); this loop then
+optimizes exactly those with AdamW, linear warmup then cosine decay, gradient clipping and
+periodic evaluation, and measures what the notebooks compare: parameters, time, memory, metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import get_device, seed_everything
+from .params import count_parameters
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What one training run measured. `metrics` are the last evaluation's."""
+
+    trainable_params: int
+    total_params: int
+    steps: int
+    wall_time_s: float
+    median_step_s: float
+    peak_memory_mb: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    loss_curve: list[float] = field(default_factory=list)
+    eval_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params
+
+    def summary(self) -> dict[str, Any]:
+        """A flat, rounded record for a results table."""
+        return {
+            "trainable": self.trainable_params,
+            "trainable %": round(self.trainable_pct, 4),
+            "time (s)": round(self.wall_time_s, 1),
+            "step (ms)": round(1000 * self.median_step_s, 1),
+            "peak mem (MB)": round(self.peak_memory_mb, 1),
+            **{k: round(v, 4) for k, v in self.metrics.items()},
+        }
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear 0 -> 1 over `warmup` steps, then cosine 1 -> 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak on GPU, else peak RSS growth of the process.
+
+    CPU tensors are not tracked by torch, so on CPU a thread samples the resident set size every
+    few milliseconds; the result is the peak increase over the RSS at entry (in MB).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device, self.interval_s, self.peak_mb = device, interval_s, 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._proc = psutil.Process()
+            self._start = self._peak = self._proc.memory_info().rss
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_mb = (peak - self._start) / 2**20
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _cycle(batches: Callable[[int], Iterable[Batch]] | Iterable[Batch]) -> Iterator[Batch]:
+    """Endless batches; a callable is called with the epoch number (to reshuffle each epoch)."""
+    epoch = 0
+    while True:
+        empty = True
+        for batch in batches(epoch) if callable(batches) else batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training data produced no batches")
+        epoch += 1
+
+
+def train(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: float = 0.1,
+    clip: float | None = 1.0,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad, for `steps` optimizer steps.
+
+    batches:  an iterable of batch dicts, or `f(epoch) -> iterable` to reshuffle every epoch.
+    loss_fn:  `loss_fn(model, batch) -> scalar loss`, so one loop serves classifiers and LMs.
+    warmup:   fraction of `steps` (if < 1) or a number of steps of linear LR warmup.
+    evaluate: `evaluate(model) -> {"metric": value}`, run in eval mode under no_grad every
+              `eval_every` steps and at the end.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = torch.device(device) if device is not None else get_device()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: apply a method or unfreeze some")
+    seed_everything(seed)
+    model.to(device)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup_steps = max(1, round(warmup * steps) if warmup < 1 else int(warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, steps, warmup_steps)
+    )
+
+    def run_eval(step: int) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in evaluate(model).items()}
+        eval_curve.append((step, metrics))
+        return metrics
+
+    trainable, total = count_parameters(model)
+    losses: list[float] = []
+    step_times: list[float] = []
+    eval_curve: list[tuple[int, dict[str, float]]] = []
+    data = _cycle(batches)
+    bar = tqdm(total=steps, disable=not progress, desc="train", leave=False)
+    start = time.perf_counter()
+    with PeakMemory(device) as memory:
+        for step in range(1, steps + 1):
+            model.train()
+            batch = _to(next(data), device)
+            t0 = time.perf_counter()
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < steps:
+                run_eval(step)
+    bar.close()
+    metrics = run_eval(steps) if evaluate is not None else {}
+    model.eval()
+    return TrainResult(
+        trainable_params=trainable,
+        total_params=total,
+        steps=steps,
+        wall_time_s=time.perf_counter() - start,
+        median_step_s=statistics.median(step_times),
+        peak_memory_mb=memory.peak_mb,
+        metrics=metrics,
+        loss_curve=losses,
+        eval_curve=eval_curve,
+    )
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of a classifier's logits (B, C) against `batch["labels"]` (B,)."""
+    return nn.functional.cross_entropy(_logits(model, batch), batch["labels"])
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy; positions labelled -100 (prompt, padding) are not scored."""
+    logits = _logits(model, batch)  # (B, T, vocab)
+    # token t predicts token t+1: drop the last prediction and the first label
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+
+
+@torch.no_grad()
+def predict_classes(model: nn.Module, batches: Iterable[Batch], device=None) -> tuple[list[int], list[int]]:
+    """(predictions, labels) of a classifier over `batches`, in eval mode."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    labels: list[int] = []
+    for batch in batches:
+        batch = _to(batch, device)
+        preds += _logits(model, batch).argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    model.train(was_training)
+    return preds, labels

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pefttutor import params, train
+
+
+def toy_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return [{"x": x[i : i + 16], "labels": y[i : i + 16]} for i in range(0, n, 16)]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 64)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def loss_fn(model, batch):
+    return nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+
+
+def accuracy(model, data):
+    def evaluate(m):
+        correct = sum((m(b["x"]).argmax(-1) == b["labels"]).sum().item() for b in data)
+        return {"accuracy": correct / sum(len(b["labels"]) for b in data)}
+
+    return evaluate
+
+
+def test_train_learns_only_trainable_and_reports():
+    torch.manual_seed(0)
+    model = Net()
+    params.freeze(model)
+    params.unfreeze(model, ["head"])
+    body_before = model.body.weight.clone()
+    data = toy_data()
+    result = train.train(
+        model, data, loss_fn, steps=60, lr=1e-1, evaluate=accuracy(model, data), eval_every=20,
+        progress=False, device="cpu",
+    )
+    assert torch.equal(model.body.weight, body_before)  # frozen stays frozen
+    assert result.trainable_params == 130 and result.total_params == 706
+    assert result.loss_curve[-1] < result.loss_curve[0]
+    assert result.metrics["accuracy"] > 0.8
+    assert [s for s, _ in result.eval_curve] == [20, 40, 60]
+    assert result.steps == 60 and len(result.loss_curve) == 60
+    assert result.median_step_s > 0 and result.wall_time_s > 0
+    assert math.isfinite(result.peak_memory_mb)
+    assert set(result.summary()) >= {"trainable", "trainable %", "accuracy"}
+
+
+def test_train_is_seeded():
+    def run():
+        torch.manual_seed(1)
+        model = Net()
+        return train.train(model, lambda epoch: toy_data(seed=epoch), loss_fn, steps=10,
+                           progress=False, device="cpu", seed=5).loss_curve
+
+    assert run() == run()
+
+
+def test_train_refuses_nothing_trainable_and_empty_data():
+    model = params.freeze(Net())
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.train(model, toy_data(), loss_fn, steps=1, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        train.train(Net(), [], loss_fn, steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        train.train(Net(), toy_data(), loss_fn, steps=0, progress=False)
+
+
+def test_warmup_cosine_schedule():
+    assert train.warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert train.warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert train.warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert train.warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert train.warmup_cosine(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with train.PeakMemory(torch.device("cpu")) as mem:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MB
+        big.add_(1)
+        import time
+
+        time.sleep(0.05)
+    del big
+    assert mem.peak_mb > 40
+
+
+def test_losses_match_definitions():
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return self.logits
+
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, -100, 3, 1], [-100, 2, -100, -100]])
+    batch = {"input_ids": labels, "attention_mask": torch.ones_like(labels), "labels": labels}
+    expected = nn.functional.cross_entropy(
+        torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]), torch.tensor([3, 1, 2])
+    )
+    assert torch.allclose(train.causal_lm_loss(Fixed(logits), batch), expected)
+    cls_logits = torch.randn(3, 2)
+    cls_batch = {"input_ids": None, "attention_mask": None, "labels": torch.tensor([0, 1, 1])}
+    assert torch.allclose(
+        train.classification_loss(Fixed(cls_logits), cls_batch),
+        nn.functional.cross_entropy(cls_logits, cls_batch["labels"]),
+    )
+    preds, gold = train.predict_classes(Fixed(cls_logits), [cls_batch], device="cpu")
+    assert preds == cls_logits.argmax(-1).tolist() and gold == [0, 1, 1]
