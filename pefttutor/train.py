@@ -169,7 +169,8 @@ def train(
     step_times: list[float] = []
     eval_curve: list[tuple[int, dict[str, float]]] = []
     data = _cycle(batches)
-    bar = tqdm(total=steps, disable=not progress, desc="train", leave=False)
+    # progress=False forces silence; otherwise tqdm decides (TQDM_DISABLE=1 silences it in tests)
+    bar = tqdm(total=steps, desc="train", leave=False, **({} if progress else {"disable": True}))
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         for step in range(1, steps + 1):
