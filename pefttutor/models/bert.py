@@ -1,0 +1,223 @@
+"""BERT encoder (all-MiniLM-L6-v2) in one file: post-LN transformer, exact GELU, pooling helpers.
+
+Module names mirror Hugging Face's `BertModel` (pooler included), so `state_dict()` keys are
+identical and weights move across with a strict `load_state_dict`. Shapes: B batch, T tokens,
+H heads, hd head dim, d hidden_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, get_prefix
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # defaults: all-MiniLM-L6-v2
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_hf(cls, hf) -> BertConfig:
+        """From a transformers `BertConfig` or a config.json dict."""
+        c = hf if isinstance(hf, dict) else hf.to_dict()
+        if c.get("hidden_act", "gelu") != "gelu" or c.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only GELU with absolute position embeddings is implemented")
+        return cls(**{f.name: c[f.name] for f in fields(cls) if c.get(f.name) is not None})
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, inputs_embeds=None, position_ids=None):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        T = x.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device)[None]  # (1, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(position_ids)  # single-segment input
+        x = x + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention.
+
+    PEFT hooks (contract in `pefttutor/models/attention.py`), both None by default:
+      prefix:  prefix(B) -> (k, v), each (B, H, P, hd); prepended to this layer's keys/values and
+               always visible. Positions are not shifted (pass `position_ids` to Bert.forward to
+               reproduce HF, which starts positions at P when the prefix comes in as a cache).
+      adapter: adapter(q, attn) -> (B, H, T, hd), added to the attention output before
+               `attention.output.dense`; q is (B, H, T, hd), attn is this module.
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.n_heads, self.hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+        self.prefix = None
+        self.adapter = None
+
+    def forward(self, x, mask):  # x (B, T, d), mask bool (B, 1, 1, T) or None
+        B, T, d = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_heads, self.hd).transpose(1, 2) for lin in (self.query, self.key, self.value))
+        y = attend(self, q, k, v, mask, prefix=get_prefix(self, B), dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+
+
+class AddNorm(nn.Module):
+    """Project, dropout, add the residual, then LayerNorm (BERT is post-LN)."""
+
+    def __init__(self, d_in: int, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)  # HF's name, hence "attention.self.query"
+        self.output = AddNorm(cfg.hidden_size, cfg)
+
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as BERT was trained
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = AddNorm(cfg.intermediate_size, cfg)
+
+    def forward(self, x, mask):
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertPooler(nn.Module):
+    """HF's pooler: tanh(dense(first token)). Kept so checkpoints load strictly; `forward` skips it."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden):  # (B, T, d) -> (B, d)
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))))
+        self.pooler = BertPooler(config)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # HF's initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, config) -> Bert:
+        """Randomly initialised, from our `BertConfig` or a transformers one."""
+        return cls(config if isinstance(config, BertConfig) else BertConfig.from_hf(config))
+
+    @classmethod
+    def from_hf(cls, hf_model) -> Bert:
+        """Copy a transformers `BertModel` (with its pooler; same dtype and device)."""
+        p = next(hf_model.parameters())
+        model = cls.from_config(hf_model.config).to(device=p.device, dtype=p.dtype)
+        state = {k: v for k, v in hf_model.state_dict().items() if k != "embeddings.position_ids"}
+        model.load_state_dict(state, strict=True)
+        return model.train(hf_model.training)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 real / 0 pad
+        token_type_ids: torch.Tensor | None = None,  # (B, T), default all 0
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, d) instead of input_ids
+        position_ids: torch.Tensor | None = None,  # (B|1, T), default 0..T-1
+    ) -> torch.Tensor:  # last hidden states (B, T, d)
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds, position_ids)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+    def embed(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Sentence embeddings as sentence-transformers' all-MiniLM: mean pool, L2-normalise. (B, d)"""
+        return F.normalize(mean_pool(self(input_ids, attention_mask), attention_mask), dim=-1)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Average of the real tokens' states: (B, T, d), (B, T) -> (B, d)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor) -> torch.Tensor:
+    """The first ([CLS]) token's state: (B, T, d) -> (B, d)."""
+    return hidden[:, 0]
+
+
+class BertClassifier(nn.Module):
+    """A linear `classifier` on pooled Bert states; PEFT methods train it with train=("classifier",)."""
+
+    def __init__(self, bert: Bert, num_classes: int, pooling: str = "mean", dropout: float | None = None):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.bert, self.pooling = bert, pooling
+        self.dropout = nn.Dropout(bert.config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(bert.config.hidden_size, num_classes)
+        p = next(bert.parameters())
+        self.classifier.to(device=p.device, dtype=p.dtype)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, d)
+        pooled = mean_pool(hidden, attention_mask) if self.pooling == "mean" else cls_pool(hidden)
+        return self.classifier(self.dropout(pooled))  # (B, num_classes)
