@@ -35,3 +35,22 @@ def test_close_to():
     ex = Exercise("pi", close_to(3.14159, rel=1e-3), hint="", solution="")
     assert ex.check(3.1416) is True
     assert ex.check(3.2) is False
+
+
+def test_notebook00_checkers_right_and_wrong(capsys):
+    from pefttutor.exercises import models_and_data as nb00
+    from pefttutor.models import Llama, LlamaConfig
+
+    cfg = LlamaConfig()
+    assert nb00.llama_block_params(cfg) == 3_540_096
+    tiny = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    real = sum(p.numel() for p in Llama(tiny).model.layers[0].parameters())
+    assert nb00.llama_block_params(tiny) == real  # the formula, checked against a real block
+    ex = nb00.block_params(cfg)
+    assert ex.check(2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576) is True
+    assert ex.check(2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) is False
+    share = nb00.embedding_share(134_515_008)
+    assert share.check(49152 * 576 / 134_515_008) is True
+    assert share.check(0.5) is False
+    assert share.check(...) is None
