@@ -8,6 +8,7 @@ periodic evaluation, and measures what the notebooks compare: parameters, time, 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import threading
 import time
@@ -169,8 +170,10 @@ def train(
     step_times: list[float] = []
     eval_curve: list[tuple[int, dict[str, float]]] = []
     data = _cycle(batches)
-    # progress=False forces silence; otherwise tqdm decides (TQDM_DISABLE=1 silences it in tests)
-    bar = tqdm(total=steps, desc="train", leave=False, **({} if progress else {"disable": True}))
+    # progress=False or TQDM_DISABLE=1 (tests, executed notebooks) silence the bar. tqdm reads
+    # TQDM_DISABLE itself, but its notebook bar (tqdm.auto in Jupyter) overrides it with disable=False.
+    quiet = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}
+    bar = tqdm(total=steps, desc="train", leave=False, **({"disable": True} if quiet else {}))
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         for step in range(1, steps + 1):

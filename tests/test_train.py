@@ -121,3 +121,24 @@ def test_losses_match_definitions():
     )
     preds, gold = train.predict_classes(Fixed(cls_logits), [cls_batch], device="cpu")
     assert preds == cls_logits.argmax(-1).tolist() and gold == [0, 1, 1]
+
+
+@pytest.mark.parametrize("env, progress, silent", [("1", True, True), ("", True, False), ("", False, True)])
+def test_progress_bar_honours_tqdm_disable_even_in_notebooks(monkeypatch, env, progress, silent):
+    # tqdm.auto picks tqdm.notebook in Jupyter, which passes disable=False explicitly and so
+    # ignores TQDM_DISABLE; train() must pass disable=True itself.
+    from tqdm.notebook import tqdm_notebook
+
+    seen = []
+
+    class Bar(tqdm_notebook):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("disable", False))
+            kwargs["disable"] = True  # never draw a widget here
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setenv("TQDM_DISABLE", env)
+    monkeypatch.setattr(train, "tqdm", Bar)
+    torch.manual_seed(0)
+    train.train(Net(), toy_data(), loss_fn, steps=2, progress=progress, device="cpu")
+    assert seen == [silent]
