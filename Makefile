@@ -12,6 +12,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# torch's OpenMP threads spin while waiting; with any other busy process on a small CPU that makes
+# them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup lab test execute data clean
 

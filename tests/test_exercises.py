@@ -54,3 +54,19 @@ def test_notebook00_checkers_right_and_wrong(capsys):
     assert share.check(49152 * 576 / 134_515_008) is True
     assert share.check(0.5) is False
     assert share.check(...) is None
+
+
+def test_notebook01_checkers_right_and_wrong(capsys):
+    from pefttutor.exercises import introduction as nb01
+    from pefttutor.models import Bert, BertConfig
+
+    assert nb01.adam_memory_13b().check(208) is True
+    assert nb01.adam_memory_13b().check(52) is False
+    assert nb01.fits("lora") and not nb01.fits("full")
+    assert nb01.what_fits_24gb().check("lora") is True
+    assert nb01.what_fits_24gb().check("full") is False
+    block = sum(p.numel() for p in Bert(BertConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=12,
+                                                   intermediate_size=1536)).encoder.layer[0].parameters())
+    ex = nb01.minilm_block_params(block)
+    assert ex.check(4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 2 * 2 * 384) is True
+    assert ex.check(4 * 384 * 384 + 2 * 384 * 1536) is False

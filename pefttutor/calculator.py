@@ -1,0 +1,334 @@
+"""Back-of-the-envelope arithmetic: parameter counts, trainable parameters per method, training memory.
+
+Pure Python (no torch), so the numbers can be checked against papers and against our real models.
+
+**Memory of training** (`training_memory`), for a model of N parameters of which T train:
+
+    weights     N * b                 every parameter is held, trained or frozen
+    gradients   T * b                 one gradient per trainable parameter
+    optimizer   T * s * b             s states per trainable parameter: Adam/AdamW keep two moments
+                                      (s = 2), SGD with momentum one, plain SGD none
+    activations see `activation_memory_bytes`: grows with batch size x sequence length
+
+with b bytes per value (fp32: 4). Full finetuning with Adam in fp32 (T = N, b = 4, s = 2) costs
+4 + 4 + 8 = **16 bytes per parameter** before activations; a PEFT method keeps the frozen weights
+(4 bytes each) and pays the other 12 bytes only for its few trainable parameters.
+
+**Architectures** (`Arch`, presets in `ARCHS`): just enough shape to count parameters exactly for
+three families, read from the models' configs:
+
+* "llama": no biases, RMSNorm (one weight vector), SwiGLU MLP (gate, up, down), rotary positions,
+  grouped-query attention (k_proj / v_proj are d x n_kv_heads * head_dim);
+* "bert": biases, LayerNorm (weight + bias), GELU MLP (two matrices), learned absolute and
+  token-type (2) embeddings, an embedding LayerNorm and the pooler (d x d + d);
+* "gpt": GPT-2/3 style: biases, LayerNorm, GELU MLP, learned positions, a final LayerNorm.
+
+A tied output layer (the token-embedding matrix reused as the LM head) is counted once.
+
+**Trainable parameters per method** (`peft_params(arch, method, **hparams)`):
+
+* "full": every parameter;
+* "lora": r (d_in + d_out) per adapted matrix (Hu et al. 2021), on `targets` in every layer;
+* "prompt": n_tokens * d_model (soft prompt, Lester et al. 2021);
+* "prefix": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021;
+  the reparameterization MLP used during training is discarded afterwards and not counted);
+* "adapter": per_layer * n_layers * (2 * bottleneck * d_model + d_model + bottleneck)
+  (bottleneck adapters, Houlsby et al. 2019: down- and up-projection with biases).
+
+Sizes are in bytes; `gb()` divides by 1e9 (decimal gigabytes, as GPU memory is quoted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "momentum": 1, "sgd": 0}
+FAMILIES = ("llama", "bert", "gpt")
+METHODS = ("full", "lora", "prompt", "prefix", "adapter")
+
+# Canonical names of a block's weight matrices, and the module names they go by in our models / HF.
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+ALIASES = {
+    "q_proj": "q", "query": "q",
+    "k_proj": "k", "key": "k",
+    "v_proj": "v", "value": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a transformer, enough to count its parameters. See the module docstring."""
+
+    name: str
+    d_model: int
+    n_layers: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    vocab: int
+    family: str = "llama"
+    n_positions: int = 0  # learned position embeddings (bert, gpt); 0 for rotary (llama)
+    tied_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError("d_model must divide into n_heads, and n_heads into n_kv_heads groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of k_proj / v_proj outputs: n_kv_heads * head_dim (= d_model without GQA)."""
+        return self.n_kv_heads * self.head_dim
+
+
+ARCHS = {
+    a.name: a
+    for a in (
+        # our two models (values from their config.json files; the tests compare)
+        Arch("minilm", d_model=384, n_layers=6, d_ff=1536, n_heads=12, n_kv_heads=12, vocab=30522,
+             family="bert", n_positions=512),
+        Arch("smollm2-135m", d_model=576, n_layers=30, d_ff=1536, n_heads=9, n_kv_heads=3, vocab=49152),
+        # the papers' models
+        Arch("gpt3-175b", d_model=12288, n_layers=96, d_ff=4 * 12288, n_heads=96, n_kv_heads=96, vocab=50257,
+             family="gpt", n_positions=2048),
+        Arch("llama-7b", d_model=4096, n_layers=32, d_ff=11008, n_heads=32, n_kv_heads=32, vocab=32000,
+             tied_embeddings=False),
+        Arch("llama-65b", d_model=8192, n_layers=80, d_ff=22016, n_heads=64, n_kv_heads=64, vocab=32000,
+             tied_embeddings=False),
+        Arch("llama2-70b", d_model=8192, n_layers=80, d_ff=28672, n_heads=64, n_kv_heads=8, vocab=32000,
+             tied_embeddings=False),
+    )
+}
+
+
+def get_arch(arch: Arch | str) -> Arch:
+    """An `Arch`, or a preset looked up by name in `ARCHS`."""
+    if isinstance(arch, Arch):
+        return arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; presets: {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counts
+# ------------------------------------------------------------------------------------------------
+
+
+def block_linears(arch: Arch | str) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each weight matrix of one transformer block, by canonical name."""
+    a = get_arch(arch)
+    d, q_out = a.d_model, a.n_heads * a.head_dim
+    shapes = {"q": (d, q_out), "k": (d, a.kv_dim), "v": (d, a.kv_dim), "o": (q_out, d)}
+    if a.family == "llama":
+        shapes["gate"] = (d, a.d_ff)
+    shapes.update(up=(d, a.d_ff), down=(a.d_ff, d))
+    return shapes
+
+
+def block_params(arch: Arch | str) -> int:
+    """Parameters of one transformer block (matrices, their biases, the norms' vectors)."""
+    a = get_arch(arch)
+    linears = block_linears(a).values()
+    weights = sum(i * o for i, o in linears)
+    if a.family == "llama":  # no biases; two RMSNorm weight vectors
+        return weights + 2 * a.d_model
+    biases = sum(o for _, o in linears)
+    return weights + biases + 2 * 2 * a.d_model  # two LayerNorms, weight + bias each
+
+
+def embedding_params(arch: Arch | str) -> int:
+    """Token (+ position, token-type) embeddings, their LayerNorm, and an untied LM head."""
+    a = get_arch(arch)
+    n = a.vocab * a.d_model + a.n_positions * a.d_model
+    if a.family == "bert":
+        n += 2 * a.d_model + 2 * a.d_model  # token-type embeddings (2 types) + embedding LayerNorm
+    if not a.tied_embeddings:
+        n += a.vocab * a.d_model  # a separate output matrix
+    return n
+
+
+def total_params(arch: Arch | str) -> int:
+    """Every parameter of the model, a tied LM head counted once."""
+    a = get_arch(arch)
+    n = embedding_params(a) + a.n_layers * block_params(a)
+    if a.family == "llama":
+        n += a.d_model  # final RMSNorm
+    elif a.family == "gpt":
+        n += 2 * a.d_model  # final LayerNorm
+    else:
+        n += a.d_model * a.d_model + a.d_model  # BERT pooler
+    return n
+
+
+def _canonical(targets: str | Iterable[str], arch: Arch) -> list[str]:
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    valid = block_linears(arch)
+    out = []
+    for t in targets:
+        name = ALIASES.get(t, t)
+        if name not in valid:
+            raise ValueError(f"unknown target {t!r} for {arch.name}; valid: {', '.join(valid)} "
+                             f"(or {', '.join(k for k, v in ALIASES.items() if v in valid)})")
+        out.append(name)
+    if not out:
+        raise ValueError("no targets given")
+    return out
+
+
+def lora_params(arch: Arch | str, r: int = 8, targets: str | Iterable[str] = ("q", "v")) -> int:
+    """LoRA: A (r x d_in) and B (d_out x r) on each target matrix of every layer."""
+    a = get_arch(arch)
+    shapes = block_linears(a)
+    return a.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in _canonical(targets, a))
+
+
+def peft_params(arch: Arch | str, method: str = "full", **hparams) -> int:
+    """Trainable parameters of `method` on `arch` (a head on top is not included).
+
+    full                          every parameter (`total_params`)
+    lora(r=8, targets=("q","v"))  n_layers * sum over targets of r (d_in + d_out)
+    prompt(n_tokens=20)           n_tokens * d_model
+    prefix(n_tokens=10)           2 * n_layers * n_tokens * kv_dim
+    adapter(bottleneck=64, per_layer=2)
+                                  per_layer * n_layers * (2 * bottleneck * d_model + d_model + bottleneck)
+    """
+    a = get_arch(arch)
+    allowed = {
+        "full": set(),
+        "lora": {"r", "targets"},
+        "prompt": {"n_tokens"},
+        "prefix": {"n_tokens"},
+        "adapter": {"bottleneck", "per_layer"},
+    }
+    if method not in allowed:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    unknown = set(hparams) - allowed[method]
+    if unknown:
+        raise ValueError(f"{method} takes {sorted(allowed[method]) or 'no hyperparameters'}, got {sorted(unknown)}")
+    if method == "full":
+        return total_params(a)
+    if method == "lora":
+        return lora_params(a, **hparams)
+    if method == "prompt":
+        return hparams.get("n_tokens", 20) * a.d_model
+    if method == "prefix":
+        return 2 * a.n_layers * hparams.get("n_tokens", 10) * a.kv_dim
+    m, per_layer = hparams.get("bottleneck", 64), hparams.get("per_layer", 2)
+    return per_layer * a.n_layers * (2 * m * a.d_model + a.d_model + m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------------
+
+
+def _n(model: Arch | str | int) -> int:
+    return int(model) if isinstance(model, (int, float)) else total_params(model)
+
+
+def training_memory(
+    n_params: Arch | str | int,
+    n_trainable: int | None = None,
+    bytes_per_param: float = 4,
+    optimizer: str = "adam",
+) -> dict[str, float]:
+    """Bytes of weights, gradients and optimizer states (no activations), and their total.
+
+    n_params:    all parameters (an int, or an `Arch` / preset name to count them);
+    n_trainable: the ones that train (default all: full finetuning);
+    optimizer:   "adam"/"adamw" (2 states), "momentum" (1), "sgd" (0); states stored like the weights.
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_STATES)}")
+    n = _n(n_params)
+    t = n if n_trainable is None else int(n_trainable)
+    if not 0 <= t <= n:
+        raise ValueError(f"n_trainable must be between 0 and n_params ({n:,}), got {t:,}")
+    out = {
+        "weights": n * bytes_per_param,
+        "gradients": t * bytes_per_param,
+        "optimizer": t * OPTIMIZER_STATES[optimizer] * bytes_per_param,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def training_memory_bytes(
+    n_params: Arch | str | int,
+    n_trainable: int | None = None,
+    bytes_per_param: float = 4,
+    optimizer: str = "adam",
+) -> float:
+    """Total of `training_memory`: N b + T b (1 + states). Full fp32 Adam: 16 N bytes."""
+    return training_memory(n_params, n_trainable, bytes_per_param, optimizer)["total"]
+
+
+def activation_memory_bytes(
+    arch: Arch | str,
+    batch_size: int,
+    seq_len: int,
+    bytes_per_value: float = 4,
+    dropout: bool | None = None,
+) -> float:
+    """Rough bytes of the activations autograd keeps for the backward pass of all blocks.
+
+    Generalizes Korthikanti et al. 2022 (arXiv:2205.05198, Eq. 1: s b h (34 + 5 a s / h) bytes per
+    layer for 16-bit GPT activations with 1-byte dropout masks), counting per block, with
+    s = seq_len, b = batch_size, h = d_model, a = n_heads:
+      attention: its input, q, k, v, the softmax output (a s^2 b), the dropout mask and output,
+                 the output projection's input, the output dropout mask;
+      MLP:       its input, the activations of width d_ff (2 for GELU, 4 for SwiGLU), a dropout mask;
+      norms:     their two inputs.
+    Dropout defaults to on for bert/gpt and off for llama. No flash attention, no recomputation,
+    no embeddings or logits (an LM's logits add b s vocab values). An estimate, not a measurement.
+    """
+    a = get_arch(arch)
+    s, b, h = seq_len, batch_size, a.d_model
+    drop = a.family != "llama" if dropout is None else dropout
+    sbh, scores = s * b * h, a.n_heads * s * s * b
+    values = sbh + s * b * (h + 2 * a.kv_dim) + scores + sbh  # input, q k v, softmax, o_proj input
+    masks = 0.0
+    if drop:
+        values += scores  # dropout output on the attention probabilities
+        masks += scores + sbh  # attention-probability and output dropout masks (1 byte)
+    values += sbh + (4 if a.family == "llama" else 2) * s * b * a.d_ff  # MLP input and inner activations
+    masks += sbh if drop else 0
+    values += 2 * sbh  # the two norms' inputs
+    return a.n_layers * (values * bytes_per_value + masks)
+
+
+def full_finetune_memory(
+    model: Arch | str | int,
+    bytes_per_param: float = 4,
+    optimizer: str = "adam",
+    batch_size: int = 0,
+    seq_len: int = 0,
+) -> dict[str, float]:
+    """`training_memory` of full finetuning, plus `activations` when an Arch, batch and length are given."""
+    out = training_memory(model, None, bytes_per_param, optimizer)
+    out.pop("total")
+    acts = 0.0
+    if batch_size and seq_len:
+        if isinstance(model, (int, float)):
+            raise ValueError("activations need an Arch (or preset name), not a bare parameter count")
+        acts = activation_memory_bytes(model, batch_size, seq_len, bytes_per_param)
+    out["activations"] = acts
+    out["total"] = sum(out.values())
+    return out
+
+
+def gb(n_bytes: float) -> float:
+    """Bytes -> decimal gigabytes (1e9 bytes)."""
+    return n_bytes / 1e9
