@@ -69,7 +69,9 @@ class PeakMemory:
     """Peak memory of a block: CUDA's allocator peak on GPU, else peak RSS growth of the process.
 
     CPU tensors are not tracked by torch, so on CPU a thread samples the resident set size every
-    few milliseconds; the result is the peak increase over the RSS at entry (in MB).
+    few milliseconds; the result is the peak increase over the RSS at entry (in MB). Memory the
+    process freed earlier and reuses does not show as growth, so on CPU it is a lower bound:
+    compare runs made in the same order in fresh processes.
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
