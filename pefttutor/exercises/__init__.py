@@ -54,3 +54,8 @@ def close_to(expected: float, rel: float = 1e-3, abs_: float = 1e-6) -> Callable
         return ok, "" if ok else f"got {value:g}"
 
     return checker
+
+
+def exact_count(expected: int) -> Callable[[Any], Any]:
+    """A checker accepting exactly `expected` (a count), telling the reader what they have otherwise."""
+    return lambda answer: (answer == expected, "" if answer == expected else f"you have {answer:,}")

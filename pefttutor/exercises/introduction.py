@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pefttutor import calculator as calc
 
-from . import Exercise, close_to
+from . import Exercise, close_to, exact_count
 
 
 def adam_memory_13b() -> Exercise:
@@ -37,7 +37,7 @@ def minilm_block_params(block_params: int) -> Exercise:
     """`block_params`: the real count, e.g. sum(p.numel() for p in enc.encoder.layer[-1].parameters())."""
     return Exercise(
         "parameters of one MiniLM block",
-        checker=lambda a: (a == block_params, "" if a == block_params else f"you have {a:,}"),
+        checker=exact_count(block_params),
         hint="Each attention matrix is 384 x 384 + 384 biases; the MLP is 384 x 1536 + 1536 and 1536 x 384 + 384; "
         "each LayerNorm has 2 x 384.",
         solution="4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 2 * 2 * 384  # = 1,774,464",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from pefttutor.methods.lora import LoRALinear
 from pefttutor.models import LlamaConfig
 
-from . import Exercise
+from . import Exercise, exact_count
 
 
 def lora_params(shapes: Iterable[tuple[int, int]], r: int) -> int:
@@ -18,15 +18,11 @@ def lora_params(shapes: Iterable[tuple[int, int]], r: int) -> int:
     return sum(r * (d_out + d_in) for d_out, d_in in shapes)
 
 
-def _count(expected: int) -> Callable:
-    return lambda a: (a == expected, "" if a == expected else f"you have {a:,}")
-
-
 def gpt3_params(r: int = 8, layers: int = 96, d: int = 12288) -> Exercise:
     """LoRA on Wq and Wv of GPT-3 175B (the paper: 4.7M at r=1, 37.7M at r=8)."""
     return Exercise(
         "GPT-3 LoRA parameters",
-        checker=_count(lora_params([(d, d), (d, d)] * layers, r)),
+        checker=exact_count(lora_params([(d, d), (d, d)] * layers, r)),
         hint="each adapted matrix adds r (d_in + d_out); Wq and Wv are both 12288 x 12288; 2 per layer.",
         solution="96 * 2 * 8 * (12288 + 12288)  # = 37,748,736 = 4,718,592 * 8",
     )
@@ -37,7 +33,7 @@ def smollm2_params(cfg: LlamaConfig = LlamaConfig(), r: int = 16) -> Exercise:
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return Exercise(
         "SmolLM2 LoRA parameters",
-        checker=_count(lora_params([(q, d), (kv, d)] * cfg.num_hidden_layers, r)),
+        checker=exact_count(lora_params([(q, d), (kv, d)] * cfg.num_hidden_layers, r)),
         hint="q_proj: 576 -> 576, v_proj: 576 -> 192 (3 key/value heads of 64); each adds r (d_in + d_out).",
         solution="30 * 16 * ((576 + 576) + (576 + 192))  # = 921,600",
     )

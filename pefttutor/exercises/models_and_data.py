@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pefttutor.models import LlamaConfig
 
-from . import Exercise, close_to
+from . import Exercise, close_to, exact_count
 
 
 def llama_block_params(cfg: LlamaConfig) -> int:
@@ -18,7 +18,7 @@ def block_params(cfg: LlamaConfig = LlamaConfig()) -> Exercise:
     expected = llama_block_params(cfg)
     return Exercise(
         "parameters of one decoder block",
-        checker=lambda a: (a == expected, "" if a == expected else f"you have {a:,}"),
+        checker=exact_count(expected),
         hint="q_proj and o_proj are 576x576, k_proj and v_proj are 192x576 (3 heads x 64), "
         "gate/up/down are 576x1536 each; no biases; two RMSNorm weight vectors of 576.",
         solution="2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576  # = 3,540,096",
