@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pefttutor import params
+from pefttutor import checkpoint, params
 from pefttutor.methods import lora
 
 PREFIX = "base_model.model."
@@ -76,7 +76,7 @@ def save_peft(
     tensors = {PREFIX + k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lora.temporary_path(path)
+    tmp = checkpoint.temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

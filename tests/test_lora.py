@@ -256,7 +256,7 @@ def test_load_refuses_merged_model_and_foreign_files(saved, tmp_path):
         lora.load(lora.merge(model), path)
     foreign = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(1)}, foreign)
-    with pytest.raises(ValueError, match="no pefttutor LoRA config"):
+    with pytest.raises(ValueError, match="not a pefttutor LoRA file"):
         lora.load(tiny_llama(), foreign)
     with pytest.raises(ValueError, match="no LoRA"):
         lora.save(tiny_llama(), tmp_path / "x.safetensors")

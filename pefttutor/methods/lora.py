@@ -20,20 +20,16 @@ the layer at `model.layers.0.self_attn.q_proj` holds A at `...q_proj.lora_A.weig
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from pefttutor import params
+from pefttutor import checkpoint, params
 
 _METADATA_KEY = "pefttutor.lora"  # the LoRAConfig as JSON in the safetensors header
 
@@ -208,54 +204,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _names(keys: list[str], limit: int = 5) -> str:
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy `tensors` into the model's adapter, strictly.
-
-    Expects exactly the keys of `adapter_state_dict(model)`, each with `prefix` in front. Any
-    missing, unexpected or wrongly shaped key raises ValueError naming it; nothing is loaded then.
-    """
+    """Copy `tensors` into the model's adapter, strictly (`checkpoint.load_strict`): exactly the keys
+    of `adapter_state_dict(model)`, each with `prefix` in front, else ValueError and nothing loaded."""
     if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("cannot load into a merged model: call lora.unmerge(model) first")
-    own = {prefix + k: v for k, v in adapter_state_dict(model).items()}
-    missing = sorted(own.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - own.keys())
-    wrong = [
-        f"{k} (file {tuple(tensors[k].shape)}, model {tuple(own[k].shape)})"
-        for k in sorted(own.keys() & tensors.keys())
-        if tensors[k].shape != own[k].shape
-    ]
-    problems = [f"{what}: {_names(keys)}" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-    if problems:
-        raise ValueError("adapter does not fit this model; " + "; ".join(problems))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(tensors[k])
-
-
-def temporary_path(path: Path) -> Path:
-    """A hidden sibling of `path` to write first and then os.replace: readers never see half a file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    checkpoint.load_strict(adapter_state_dict(model), tensors, prefix)
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapter (see `adapter_state_dict`) and its LoRAConfig to a safetensors file.
-
-    The write is atomic: a temporary file in the same folder, then os.replace.
-    """
-    config = get_config(model)
-    path = Path(path)
-    metadata = {"format": "pt", _METADATA_KEY: json.dumps(asdict(config))}
-    tmp = temporary_path(path)
-    try:
-        save_file(adapter_state_dict(model), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write only the adapter (see `adapter_state_dict`) and its LoRAConfig to a safetensors file, atomically."""
+    checkpoint.save(adapter_state_dict(model), path, _METADATA_KEY, asdict(get_config(model)))
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -265,12 +224,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     LoRA, r, alpha and rslora must equal the saved ones (dropout may differ: it only acts in
     training). Keys and shapes are checked strictly (`load_adapter_state_dict`).
     """
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get(_METADATA_KEY)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if raw is None:
-        raise ValueError(f"{path} has no pefttutor LoRA config (a peft adapter? use interop.load_peft)")
-    saved = json.loads(raw)
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LoRA")
     saved = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     if not hasattr(model, "lora_config"):
         apply(model, **asdict(saved))
