@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test execute data clean
+.PHONY: setup lab test execute figures site data clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,15 @@ test: $(STAMP)
 execute: $(STAMP)
 	TQDM_DISABLE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+
+# Blog figures: run (full mode) the notebooks whose figures are missing, then index figures/README.md.
+# FORCE=1 re-runs every notebook that exports figures.
+figures: $(STAMP)
+	$(PY) -m pefttutor.publish figures $(if $(FORCE),--force)
+
+# The executed notebooks as a static HTML site in docs/ (open docs/index.html).
+site: $(STAMP)
+	$(PY) -m pefttutor.publish site --out docs
 
 # Regenerate data/ from its sources (byte for byte).
 data: $(STAMP)

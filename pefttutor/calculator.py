@@ -20,20 +20,24 @@ three families, read from the models' configs:
 * "llama": no biases, RMSNorm (one weight vector), SwiGLU MLP (gate, up, down), rotary positions,
   grouped-query attention (k_proj / v_proj are d x n_kv_heads * head_dim);
 * "bert": biases, LayerNorm (weight + bias), GELU MLP (two matrices), learned absolute and
-  token-type (2) embeddings, an embedding LayerNorm and the pooler (d x d + d);
+  token-type (2) embeddings, an embedding LayerNorm and the pooler (d x d + d); "roberta" is the
+  same with one token type;
 * "gpt": GPT-2/3 style: biases, LayerNorm, GELU MLP, learned positions, a final LayerNorm.
 
 A tied output layer (the token-embedding matrix reused as the LM head) is counted once.
 
-**Trainable parameters per method** (`peft_params(arch, method, **hparams)`):
+**Trainable parameters per method** (`peft_params(arch, method, **hparams)`), a head not included:
 
 * "full": every parameter;
 * "lora": r (d_in + d_out) per adapted matrix (Hu et al. 2021), on `targets` in every layer;
 * "prompt": n_tokens * d_model (soft prompt, Lester et al. 2021);
-* "prefix": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021;
-  the reparameterization MLP used during training is discarded afterwards and not counted);
-* "adapter": per_layer * n_layers * (2 * bottleneck * d_model + d_model + bottleneck)
-  (bottleneck adapters, Houlsby et al. 2019: down- and up-projection with biases).
+* "prefix": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021);
+  with `reparam=True` the training-time MLP (Embedding(n, d) -> Linear(d, hidden) -> tanh ->
+  Linear(hidden, 2 L kv_dim)) is counted instead, since it is what trains;
+* "adapter": adapters * (2 m d + d + m) with bottleneck `size` m (Houlsby et al. 2019: down- and
+  up-projection with biases); "houlsby" puts two in every layer, "pfeiffer" and "parallel" one;
+* "llama_adapter": n_layers * (n_tokens * d_model + n_heads) (Zhang et al. 2023: an adaption
+  prompt and a per-head zero-init gate in each of the top n_layers layers).
 
 Sizes are in bytes; `gb()` divides by 1e9 (decimal gigabytes, as GPU memory is quoted).
 """
@@ -45,8 +49,18 @@ from dataclasses import dataclass
 
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "momentum": 1, "sgd": 0}
-FAMILIES = ("llama", "bert", "gpt")
-METHODS = ("full", "lora", "prompt", "prefix", "adapter")
+FAMILIES = ("llama", "bert", "roberta", "gpt")
+METHODS = ("full", "lora", "prompt", "prefix", "adapter", "llama_adapter")
+PLACEMENTS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per layer
+# `peft_params`' hyperparameters per method, with their defaults
+HPARAMS = {
+    "full": {},
+    "lora": {"r": 8, "targets": ("q", "v")},
+    "prompt": {"n_tokens": 20},
+    "prefix": {"n_tokens": 20, "reparam": False, "hidden": 512},
+    "adapter": {"size": 64, "placement": "houlsby"},
+    "llama_adapter": {"n_tokens": 10, "n_layers": None},  # None: every layer
+}
 
 # Canonical names of a block's weight matrices, and the module names they go by in our models / HF.
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -104,20 +118,44 @@ ARCHS = {
              family="gpt", n_positions=2048),
         Arch("llama-7b", d_model=4096, n_layers=32, d_ff=11008, n_heads=32, n_kv_heads=32, vocab=32000,
              tied_embeddings=False),
+        Arch("llama-13b", d_model=5120, n_layers=40, d_ff=13824, n_heads=40, n_kv_heads=40, vocab=32000,
+             tied_embeddings=False),
         Arch("llama-65b", d_model=8192, n_layers=80, d_ff=22016, n_heads=64, n_kv_heads=64, vocab=32000,
              tied_embeddings=False),
         Arch("llama2-70b", d_model=8192, n_layers=80, d_ff=28672, n_heads=64, n_kv_heads=8, vocab=32000,
              tied_embeddings=False),
+        Arch("gpt2-medium", d_model=1024, n_layers=24, d_ff=4096, n_heads=16, n_kv_heads=16, vocab=50257,
+             family="gpt", n_positions=1024),
+        Arch("roberta-base", d_model=768, n_layers=12, d_ff=3072, n_heads=12, n_kv_heads=12, vocab=50265,
+             family="roberta", n_positions=514),
+        Arch("roberta-large", d_model=1024, n_layers=24, d_ff=4096, n_heads=16, n_kv_heads=16, vocab=50265,
+             family="roberta", n_positions=514),
     )
 }
+ARCHS["minilm-l6"] = ARCHS["minilm"]  # all-MiniLM-L6-v2 by its full name
+# `get_arch` reads a dict with these keys (family, positions and tied are optional)
+DIMENSIONS = {"layers": "n_layers", "hidden": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
+              "ffn": "d_ff", "vocab": "vocab", "family": "family", "positions": "n_positions",
+              "tied": "tied_embeddings"}
 
 
-def get_arch(arch: Arch | str) -> Arch:
-    """An `Arch`, or a preset looked up by name in `ARCHS`."""
+def get_arch(arch: Arch | str | dict) -> Arch:
+    """An `Arch`; a preset looked up by name in `ARCHS`; or one built from a dict of dimensions:
+    {"layers", "hidden", "heads", "ffn", "vocab"} and optionally "kv_heads" (default heads),
+    "family" ("llama"), "positions" (0), "tied" (True)."""
     if isinstance(arch, Arch):
         return arch
+    if isinstance(arch, dict):
+        unknown = set(arch) - set(DIMENSIONS) - {"name"}
+        missing = {"layers", "hidden", "heads", "ffn", "vocab"} - set(arch)
+        if unknown or missing:
+            raise ValueError(f"an architecture dict needs {sorted(missing) or 'nothing more'} and takes only "
+                             f"{', '.join(DIMENSIONS)}; unknown: {sorted(unknown) or 'none'}")
+        dims = {DIMENSIONS[k]: v for k, v in arch.items() if k != "name"}
+        dims.setdefault("n_kv_heads", dims["n_heads"])
+        return Arch(name=arch.get("name", "custom"), **dims)
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; presets: {', '.join(ARCHS)}")
+        raise ValueError(f"unknown architecture {arch!r}; presets: {', '.join(ARCHS)} (or a dict of dimensions)")
     return ARCHS[arch]
 
 
@@ -152,8 +190,8 @@ def embedding_params(arch: Arch | str) -> int:
     """Token (+ position, token-type) embeddings, their LayerNorm, and an untied LM head."""
     a = get_arch(arch)
     n = a.vocab * a.d_model + a.n_positions * a.d_model
-    if a.family == "bert":
-        n += 2 * a.d_model + 2 * a.d_model  # token-type embeddings (2 types) + embedding LayerNorm
+    if a.family in ("bert", "roberta"):  # token-type embeddings (2 types, RoBERTa 1) + embedding LayerNorm
+        n += (2 if a.family == "bert" else 1) * a.d_model + 2 * a.d_model
     if not a.tied_embeddings:
         n += a.vocab * a.d_model  # a separate output matrix
     return n
@@ -194,39 +232,47 @@ def lora_params(arch: Arch | str, r: int = 8, targets: str | Iterable[str] = ("q
     return a.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in _canonical(targets, a))
 
 
-def peft_params(arch: Arch | str, method: str = "full", **hparams) -> int:
+def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int:
     """Trainable parameters of `method` on `arch` (a head on top is not included).
 
-    full                          every parameter (`total_params`)
-    lora(r=8, targets=("q","v"))  n_layers * sum over targets of r (d_in + d_out)
-    prompt(n_tokens=20)           n_tokens * d_model
-    prefix(n_tokens=10)           2 * n_layers * n_tokens * kv_dim
-    adapter(bottleneck=64, per_layer=2)
-                                  per_layer * n_layers * (2 * bottleneck * d_model + d_model + bottleneck)
+    full                                     every parameter (`total_params`)
+    lora(r=8, targets=("q", "v"))            n_layers * sum over targets of r (d_in + d_out)
+    prompt(n_tokens=20)                      n_tokens * d_model
+    prefix(n_tokens=20, reparam=False, hidden=512)
+                                             2 n_layers n_tokens kv_dim; with reparam the MLP's
+                                             n d + (d + 1) hidden + (hidden + 1) 2 n_layers kv_dim
+    adapter(size=64, placement="houlsby")    per_layer * n_layers * (2 size d_model + d_model + size)
+    llama_adapter(n_tokens=10, n_layers=None)
+                                             n_layers * (n_tokens * d_model + n_heads); None = all layers
     """
     a = get_arch(arch)
-    allowed = {
-        "full": set(),
-        "lora": {"r", "targets"},
-        "prompt": {"n_tokens"},
-        "prefix": {"n_tokens"},
-        "adapter": {"bottleneck", "per_layer"},
-    }
-    if method not in allowed:
+    if method not in HPARAMS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    unknown = set(hparams) - allowed[method]
+    unknown = set(hparams) - set(HPARAMS[method])
     if unknown:
-        raise ValueError(f"{method} takes {sorted(allowed[method]) or 'no hyperparameters'}, got {sorted(unknown)}")
+        raise ValueError(f"{method} takes {sorted(HPARAMS[method]) or 'no hyperparameters'}, got {sorted(unknown)}")
+    h = {**HPARAMS[method], **hparams}
+    d, L = a.d_model, a.n_layers
     if method == "full":
         return total_params(a)
     if method == "lora":
-        return lora_params(a, **hparams)
+        return lora_params(a, **h)
     if method == "prompt":
-        return hparams.get("n_tokens", 20) * a.d_model
+        return h["n_tokens"] * d
     if method == "prefix":
-        return 2 * a.n_layers * hparams.get("n_tokens", 10) * a.kv_dim
-    m, per_layer = hparams.get("bottleneck", 64), hparams.get("per_layer", 2)
-    return per_layer * a.n_layers * (2 * m * a.d_model + a.d_model + m)
+        n, width = h["n_tokens"], 2 * L * a.kv_dim  # every layer's keys and values, per virtual token
+        if not h["reparam"]:
+            return n * width
+        return n * d + (d + 1) * h["hidden"] + (h["hidden"] + 1) * width
+    if method == "adapter":
+        if h["placement"] not in PLACEMENTS:
+            raise ValueError(f"unknown placement {h['placement']!r}; valid: {', '.join(PLACEMENTS)}")
+        m = h["size"]
+        return PLACEMENTS[h["placement"]] * L * (2 * m * d + d + m)
+    n_layers = L if h["n_layers"] is None else h["n_layers"]
+    if not 1 <= n_layers <= L:
+        raise ValueError(f"n_layers must be between 1 and {L} for {a.name}, got {n_layers}")
+    return n_layers * (h["n_tokens"] * d + a.n_heads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,45 +280,57 @@ def peft_params(arch: Arch | str, method: str = "full", **hparams) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _n(model: Arch | str | int) -> int:
-    return int(model) if isinstance(model, (int, float)) else total_params(model)
+DTYPES = BYTES_PER_VALUE
 
 
 def training_memory(
-    n_params: Arch | str | int,
+    arch: Arch | str | dict | int,
+    method: str = "full",
+    *,
     n_trainable: int | None = None,
-    bytes_per_param: float = 4,
-    optimizer: str = "adam",
+    dtype: str = "fp32",
+    optimizer: str = "adamw",
+    batch_size: int = 0,
+    seq_len: int = 0,
+    **hparams,
 ) -> dict[str, float]:
-    """Bytes of weights, gradients and optimizer states (no activations), and their total.
+    """Bytes to train `method` on `arch`: weights, gradients, optimizer states, their total.
 
-    n_params:    all parameters (an int, or an `Arch` / preset name to count them);
-    n_trainable: the ones that train (default all: full finetuning);
-    optimizer:   "adam"/"adamw" (2 states), "momentum" (1), "sgd" (0); states stored like the weights.
+    arch:        a preset name, an `Arch`, a dict of dimensions, or a bare parameter count (int);
+    method:      as in `peft_params` (with its **hparams); or give `n_trainable` directly;
+    dtype:       how weights, gradients and states are stored ("fp32", "bf16", "fp16", ...);
+    optimizer:   "adam"/"adamw" (2 states), "momentum" (1), "sgd" (0).
+    With batch_size and seq_len (and an architecture, not an int) the dict also holds
+    "activations (estimate)" from `activation_memory_bytes` (backpropagation through every block,
+    which every method here needs except training the head alone), included in the total.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_STATES)}")
-    n = _n(n_params)
-    t = n if n_trainable is None else int(n_trainable)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    is_count = isinstance(arch, (int, float))
+    n = int(arch) if is_count else total_params(arch)
+    if n_trainable is not None:
+        t = int(n_trainable)
+    elif is_count and method != "full":
+        raise ValueError("a bare parameter count needs n_trainable (or an architecture to count the method on)")
+    else:
+        t = n if is_count else peft_params(arch, method, **hparams)
     if not 0 <= t <= n:
         raise ValueError(f"n_trainable must be between 0 and n_params ({n:,}), got {t:,}")
-    out = {
-        "weights": n * bytes_per_param,
-        "gradients": t * bytes_per_param,
-        "optimizer": t * OPTIMIZER_STATES[optimizer] * bytes_per_param,
-    }
+    b = DTYPES[dtype]
+    out = {"weights": n * b, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
+    if batch_size and seq_len:
+        if is_count:
+            raise ValueError("activations need an architecture (preset name, Arch or dict), not a bare count")
+        out["activations (estimate)"] = activation_memory_bytes(arch, batch_size, seq_len, b)
     out["total"] = sum(out.values())
     return out
 
 
-def training_memory_bytes(
-    n_params: Arch | str | int,
-    n_trainable: int | None = None,
-    bytes_per_param: float = 4,
-    optimizer: str = "adam",
-) -> float:
-    """Total of `training_memory`: N b + T b (1 + states). Full fp32 Adam: 16 N bytes."""
-    return training_memory(n_params, n_trainable, bytes_per_param, optimizer)["total"]
+def training_memory_bytes(arch: Arch | str | dict | int, method: str = "full", **kwargs) -> float:
+    """The total of `training_memory` (same arguments). Full finetuning, AdamW, fp32: 16 bytes per parameter."""
+    return training_memory(arch, method, **kwargs)["total"]
 
 
 def activation_memory_bytes(
@@ -307,26 +365,6 @@ def activation_memory_bytes(
     masks += sbh if drop else 0
     values += 2 * sbh  # the two norms' inputs
     return a.n_layers * (values * bytes_per_value + masks)
-
-
-def full_finetune_memory(
-    model: Arch | str | int,
-    bytes_per_param: float = 4,
-    optimizer: str = "adam",
-    batch_size: int = 0,
-    seq_len: int = 0,
-) -> dict[str, float]:
-    """`training_memory` of full finetuning, plus `activations` when an Arch, batch and length are given."""
-    out = training_memory(model, None, bytes_per_param, optimizer)
-    out.pop("total")
-    acts = 0.0
-    if batch_size and seq_len:
-        if isinstance(model, (int, float)):
-            raise ValueError("activations need an Arch (or preset name), not a bare parameter count")
-        acts = activation_memory_bytes(model, batch_size, seq_len, bytes_per_param)
-    out["activations"] = acts
-    out["total"] = sum(out.values())
-    return out
 
 
 def gb(n_bytes: float) -> float:

@@ -5,7 +5,9 @@
     plots.show(fig, "05_lora-singular-values")   # displays, and writes figures/<name>.svg/.png
 
 Exports are reproducible: a fixed SVG hash salt and no date/software metadata, so the same figure
-gives the same SVG bytes on every run (`make figures` relies on it).
+gives the same SVG bytes on every run (`make figures` relies on it). Each SVG carries a one-line
+caption in its metadata (`caption=`, else the figure's titles), which `figures/README.md` lists
+(`pefttutor.publish`).
 """
 
 from __future__ import annotations
@@ -47,14 +49,26 @@ def figure(nrows: int = 1, ncols: int = 1, width: float = 6.4, height: float = 3
     return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", **kwargs)
 
 
-def save(fig, name: str, folder: Path | None = None) -> list[Path]:
-    """Write `fig` as `<name>.svg` and `<name>.png` (atomically); returns the paths."""
+def caption_of(fig) -> str:
+    """The figure's suptitle, else its axes' titles joined by '; ' (empty if it has none)."""
+    if fig._suptitle is not None and fig._suptitle.get_text():
+        return fig._suptitle.get_text()
+    return "; ".join(t for ax in fig.axes if (t := ax.get_title()))
+
+
+def save(fig, name: str, folder: Path | None = None, caption: str | None = None) -> list[Path]:
+    """Write `fig` as `<name>.svg` and `<name>.png` (atomically); returns the paths.
+
+    The SVG's metadata holds `caption` (default `caption_of(fig)`) as its description.
+    """
     if not _NAME.match(name):
         raise ValueError(f"figure name {name!r} must be lowercase letters, digits, '-' or '_'")
     folder = Path(folder) if folder is not None else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext, metadata in (("svg", {"Date": None, "Creator": None}), ("png", {"Software": None})):
+    svg_meta = {"Date": None, "Creator": None, "Title": name,
+                "Description": " ".join((caption if caption is not None else caption_of(fig)).split())}
+    for ext, metadata in (("svg", svg_meta), ("png", {"Software": None})):
         path = folder / f"{name}.{ext}"
         tmp = path.with_suffix(f".tmp.{ext}")
         fig.savefig(tmp, format=ext, metadata=metadata)
@@ -63,7 +77,7 @@ def save(fig, name: str, folder: Path | None = None) -> list[Path]:
     return paths
 
 
-def show(fig, name: str | None = None) -> None:
+def show(fig, name: str | None = None, caption: str | None = None) -> None:
     """Display, and export if named. Fast mode never exports: its results are not the blog's.
 
     Ending a cell with this keeps the cell's text output free of figure sizes (nbval compares it).
@@ -71,5 +85,5 @@ def show(fig, name: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     if name is not None and not is_fast():
-        save(fig, name)
+        save(fig, name, caption=caption)
     plt.show()

@@ -25,15 +25,31 @@ def test_full_finetuning_with_adam_is_16_bytes_per_parameter():
     assert calc.training_memory_bytes(1_000) == 16_000
     assert calc.training_memory(1_000) == {"weights": 4000, "gradients": 4000, "optimizer": 8000, "total": 16000}
     assert calc.training_memory_bytes(1_000, optimizer="sgd") == 8_000
-    assert calc.training_memory_bytes(1_000, bytes_per_param=2) == 8_000
+    assert calc.training_memory_bytes(1_000, dtype="bf16") == 8_000
     # PEFT: frozen weights at 4 bytes, 16 bytes only for the trainable ones
     assert calc.training_memory_bytes(1_000, n_trainable=10) == 4 * 990 + 16 * 10
-    full = calc.full_finetune_memory("llama-7b")
-    assert full["total"] == 16 * 6_738_415_616 and full["activations"] == 0
+    assert calc.training_memory_bytes("llama-7b") == 16 * 6_738_415_616
     with pytest.raises(ValueError, match="optimizer"):
         calc.training_memory_bytes(10, optimizer="lion")
+    with pytest.raises(ValueError, match="dtype"):
+        calc.training_memory_bytes(10, dtype="fp12")
     with pytest.raises(ValueError, match="n_trainable"):
         calc.training_memory_bytes(10, n_trainable=11)
+    with pytest.raises(ValueError, match="n_trainable"):
+        calc.training_memory_bytes(10, "lora")  # a bare count cannot count LoRA
+
+
+def test_training_memory_of_a_method_counts_its_trainable_parameters():
+    lora = calc.peft_params("llama-7b", "lora", r=8)
+    mem = calc.training_memory("llama-7b", "lora", r=8, dtype="bf16")
+    assert mem == {"weights": 2 * 6_738_415_616, "gradients": 2 * lora, "optimizer": 4 * lora,
+                   "total": 2 * 6_738_415_616 + 6 * lora}
+    with_acts = calc.training_memory("llama-7b", "lora", r=8, dtype="bf16", batch_size=1, seq_len=512)
+    acts = calc.activation_memory_bytes("llama-7b", 1, 512, 2)
+    assert with_acts["activations (estimate)"] == acts > 0
+    assert with_acts["total"] == mem["total"] + acts
+    with pytest.raises(ValueError, match="architecture"):
+        calc.training_memory(1000, batch_size=2, seq_len=4)
 
 
 def test_activations_reduce_to_korthikanti():
@@ -43,18 +59,71 @@ def test_activations_reduce_to_korthikanti():
     s, b, h = 16, 2, 64
     expected = 3 * s * b * h * (34 + 5 * 4 * s / h)
     assert calc.activation_memory_bytes(a, b, s, bytes_per_value=2) == pytest.approx(expected)
-    mem = calc.full_finetune_memory(a, batch_size=b, seq_len=s)
-    assert mem["activations"] > 0 and mem["total"] == pytest.approx(16 * calc.total_params(a) + mem["activations"])
-    with pytest.raises(ValueError, match="Arch"):
-        calc.full_finetune_memory(1000, batch_size=2, seq_len=4)
+    mem = calc.training_memory(a, batch_size=b, seq_len=s)
+    acts = mem["activations (estimate)"]
+    assert acts > 0 and mem["total"] == pytest.approx(16 * calc.total_params(a) + acts)
 
 
 def test_other_methods_follow_their_formulas():
     a = calc.ARCHS["smollm2-135m"]
     assert calc.peft_params(a, "prompt", n_tokens=20) == 20 * 576
     assert calc.peft_params(a, "prefix", n_tokens=10) == 2 * 30 * 10 * 192  # GQA: 3 kv heads x 64
-    assert calc.peft_params(a, "adapter", bottleneck=16) == 2 * 30 * (2 * 16 * 576 + 576 + 16)
-    assert calc.peft_params("minilm", "adapter", bottleneck=16, per_layer=1) == 6 * (2 * 16 * 384 + 384 + 16)
+    width = 2 * 30 * 192  # the reparameterization MLP: Embedding(10, 576) -> 576x512 -> 512x(2 L kv_dim)
+    assert calc.peft_params(a, "prefix", n_tokens=10, reparam=True, hidden=512) == (
+        10 * 576 + 576 * 512 + 512 + 512 * width + width)
+    # Houlsby et al.: 2md + d + m per adapter, two per layer; Pfeiffer and parallel one per layer
+    assert calc.peft_params(a, "adapter", size=16) == 2 * 30 * (2 * 16 * 576 + 576 + 16)
+    assert calc.peft_params("minilm", "adapter", size=16, placement="pfeiffer") == 6 * (2 * 16 * 384 + 384 + 16)
+    assert calc.peft_params("minilm", "adapter", size=16, placement="parallel") == 6 * (2 * 16 * 384 + 384 + 16)
+    assert calc.peft_params(a, "llama_adapter", n_tokens=10) == 30 * (10 * 576 + 9)
+    assert calc.peft_params(a, "llama_adapter", n_tokens=10, n_layers=4) == 4 * (10 * 576 + 9)
+
+
+def test_papers_counts():
+    # LLaMA-Adapter (Zhang et al. 2023): 1.2M on LLaMA-7B, prompts of 10 tokens in the top 30 layers
+    assert calc.peft_params("llama-7b", "llama_adapter", n_tokens=10, n_layers=30) == 30 * (10 * 4096 + 32)
+    assert round(calc.peft_params("llama-7b", "llama_adapter", n_tokens=10, n_layers=30) / 1e6, 1) == 1.2
+    # LoRA paper, Tables 2 and 3: RoBERTa base 0.3M, large 0.8M (r=8, Wq Wv); GPT-2 M 0.35M (r=4)
+    assert calc.peft_params("roberta-base", "lora", r=8) == 294_912
+    assert calc.peft_params("roberta-large", "lora", r=8) == 786_432
+    assert calc.peft_params("gpt2-medium", "lora", r=4) == 393_216
+    # the same paper's full counts: 125M, 355M, 354.92M
+    assert round(calc.total_params("roberta-base") / 1e6) == 125
+    assert round(calc.total_params("roberta-large") / 1e6) == 355
+    assert round(calc.total_params("gpt2-medium") / 1e6) == 355
+
+
+def test_presets_equal_transformers_models_built_on_the_meta_device():
+    """Counted by an implementation nobody here wrote: transformers' own model classes (no weights)."""
+    import torch
+    import transformers as T
+
+    def n(model):
+        return sum(p.numel() for p in model.parameters())
+
+    with torch.device("meta"):
+        models = {
+            "roberta-base": T.RobertaModel(T.RobertaConfig(
+                vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1)),
+            "gpt2-medium": T.GPT2LMHeadModel(T.GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024)),
+            "llama-13b": T.LlamaForCausalLM(T.LlamaConfig(
+                hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, num_attention_heads=40,
+                vocab_size=32000)),
+        }
+    for name, model in models.items():
+        assert calc.total_params(name) == n(model), name
+
+
+def test_architecture_from_a_dict():
+    dims = {"layers": 30, "hidden": 576, "heads": 9, "kv_heads": 3, "ffn": 1536, "vocab": 49152}
+    assert calc.total_params(dims) == calc.total_params("smollm2-135m")
+    assert calc.peft_params(dims, "lora", r=8) == calc.peft_params("smollm2-135m", "lora", r=8)
+    assert calc.get_arch({**dims, "kv_heads": 9}).kv_dim == 576
+    with pytest.raises(ValueError, match="vocab"):
+        calc.get_arch({"layers": 2, "hidden": 8, "heads": 2, "ffn": 16})
+    with pytest.raises(ValueError, match="unknown"):
+        calc.get_arch({**dims, "hidden_size": 576})
 
 
 def test_errors_name_the_valid_choices():
@@ -68,6 +137,10 @@ def test_errors_name_the_valid_choices():
         calc.peft_params("minilm", "lora", rank=8)
     with pytest.raises(ValueError, match="presets"):
         calc.get_arch("gpt-5")
+    with pytest.raises(ValueError, match="houlsby, pfeiffer, parallel"):
+        calc.peft_params("minilm", "adapter", placement="after")
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        calc.peft_params("minilm", "llama_adapter", n_layers=7)
 
 
 def _lora_count_from_modules(model: nn.Module, targets, r: int) -> int:
@@ -98,3 +171,7 @@ def test_presets_match_our_smollm2(smollm2):
     assert sum(p.numel() for p in model.model.layers[0].parameters()) == calc.block_params(a)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert _lora_count_from_modules(model, targets, 4) == calc.peft_params(a, "lora", r=4, targets=targets)
+
+
+def test_minilm_goes_by_both_names():
+    assert calc.get_arch("minilm-l6") is calc.get_arch("minilm")

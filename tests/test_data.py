@@ -378,3 +378,20 @@ def test_restaurant_chat_prompt(smol_tok):
     b = D.causal_lm_batches(prompts, targets, smol_tok, batch_size=1, add_special_tokens=False)[0]
     kept = b["labels"][0][b["labels"][0] != -100].tolist()
     assert kept[-1] == smol_tok.eos_token_id and smol_tok.decode(kept[:-1]) == "A is a pub."
+
+
+def test_length_grouped_order_is_a_shuffled_permutation_with_less_padding():
+    import random
+
+    lengths = [random.Random(i).randint(1, 60) for i in range(1000)]
+    order = D.length_grouped_order(lengths, batch_size=32, seed=0)
+    assert sorted(order) == list(range(1000))
+    assert order == D.length_grouped_order(lengths, batch_size=32, seed=0)
+    assert order != D.length_grouped_order(lengths, batch_size=32, seed=1)
+
+    def padded(o):
+        return sum(32 * max(lengths[i] for i in o[j:j + 32]) for j in range(0, len(o), 32))
+
+    plain = list(range(1000))
+    random.Random(0).shuffle(plain)
+    assert padded(order) < 0.8 * padded(plain)

@@ -18,9 +18,8 @@ def adam_memory_13b() -> Exercise:
 
 def fits(method: str, budget_gb: float = 24) -> bool:
     """Does finetuning LLaMA-7B at 16 bits with `method` ("full" or "lora") fit in `budget_gb`?"""
-    n = calc.total_params("llama-7b")
-    trainable = calc.peft_params("llama-7b", "lora", r=8, targets=("q", "v")) if method == "lora" else n
-    return calc.gb(calc.training_memory_bytes(n, trainable, bytes_per_param=2)) <= budget_gb
+    hparams = {"r": 8, "targets": ("q", "v")} if method == "lora" else {}
+    return calc.gb(calc.training_memory_bytes("llama-7b", method, dtype="fp16", **hparams)) <= budget_gb
 
 
 def what_fits_24gb() -> Exercise:
