@@ -32,8 +32,9 @@ A tied output layer (the token-embedding matrix reused as the LM head) is counte
 * "lora": r (d_in + d_out) per adapted matrix (Hu et al. 2021), on `targets` in every layer;
 * "prompt": n_tokens * d_model (soft prompt, Lester et al. 2021);
 * "prefix": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021);
-  with `reparam=True` the training-time MLP (Embedding(n, d) -> Linear(d, hidden) -> tanh ->
-  Linear(hidden, 2 L kv_dim)) is counted instead, since it is what trains;
+  with `reparam=True` the training-time MLP (Embedding(n, kv_dim) -> Linear(kv_dim, hidden) ->
+  tanh -> Linear(hidden, 2 L kv_dim), kv_dim being peft's `token_dim`: d_model without grouped-query
+  attention) is counted instead, since it is what trains;
 * "adapter": adapters * (2 m d + d + m) with bottleneck `size` m (Houlsby et al. 2019: down- and
   up-projection with biases); "houlsby" puts two in every layer, "pfeiffer" and "parallel" one;
 * "llama_adapter": n_layers * (n_tokens * d_model + n_heads) (Zhang et al. 2023: an adaption
@@ -240,7 +241,7 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
     prompt(n_tokens=20)                      n_tokens * d_model
     prefix(n_tokens=20, reparam=False, hidden=512)
                                              2 n_layers n_tokens kv_dim; with reparam the MLP's
-                                             n d + (d + 1) hidden + (hidden + 1) 2 n_layers kv_dim
+                                             n kv_dim + (kv_dim + 1) hidden + (hidden + 1) 2 n_layers kv_dim
     adapter(size=64, placement="houlsby")    per_layer * n_layers * (2 size d_model + d_model + size)
     llama_adapter(n_tokens=10, n_layers=None)
                                              n_layers * (n_tokens * d_model + n_heads); None = all layers
@@ -263,7 +264,7 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
         n, width = h["n_tokens"], 2 * L * a.kv_dim  # every layer's keys and values, per virtual token
         if not h["reparam"]:
             return n * width
-        return n * d + (d + 1) * h["hidden"] + (h["hidden"] + 1) * width
+        return n * a.kv_dim + (a.kv_dim + 1) * h["hidden"] + (h["hidden"] + 1) * width
     if method == "adapter":
         if h["placement"] not in PLACEMENTS:
             raise ValueError(f"unknown placement {h['placement']!r}; valid: {', '.join(PLACEMENTS)}")
@@ -296,10 +297,12 @@ def training_memory(
 ) -> dict[str, float]:
     """Bytes to train `method` on `arch`: weights, gradients, optimizer states, their total.
 
-    arch:        a preset name, an `Arch`, a dict of dimensions, or a bare parameter count (int);
+    arch:        a preset name, an `Arch`, a dict of dimensions, or a bare parameter count (int,
+                 with `n_trainable` counted among those parameters);
     method:      as in `peft_params` (with its **hparams); or give `n_trainable` directly;
     dtype:       how weights, gradients and states are stored ("fp32", "bf16", "fp16", ...);
     optimizer:   "adam"/"adamw" (2 states), "momentum" (1), "sgd" (0).
+    A PEFT method's parameters are stored beside the frozen model's (weights: N + T values).
     With batch_size and seq_len (and an architecture, not an int) the dict also holds
     "activations (estimate)" from `activation_memory_bytes` (backpropagation through every block,
     which every method here needs except training the head alone), included in the total.
@@ -319,7 +322,8 @@ def training_memory(
     if not 0 <= t <= n:
         raise ValueError(f"n_trainable must be between 0 and n_params ({n:,}), got {t:,}")
     b = DTYPES[dtype]
-    out = {"weights": n * b, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
+    added = 0 if is_count or method == "full" else t  # PEFT parameters come on top of the frozen model
+    out = {"weights": (n + added) * b, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
     if batch_size and seq_len:
         if is_count:
             raise ValueError("activations need an architecture (preset name, Arch or dict), not a bare count")

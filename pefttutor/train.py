@@ -7,6 +7,8 @@ periodic evaluation, and measures what the notebooks compare: parameters, time, 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import statistics
@@ -65,13 +67,24 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _release_freed_memory() -> None:
+    """Return memory the process has freed to the OS, so RSS growth counts new allocations (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): growth may then undercount
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA's allocator peak on GPU, else peak RSS growth of the process.
 
     CPU tensors are not tracked by torch, so on CPU a thread samples the resident set size every
     few milliseconds; the result is the peak increase over the RSS at entry (in MB). Memory the
-    process freed earlier and reuses does not show as growth, so on CPU it is a lower bound:
-    compare runs made in the same order in fresh processes.
+    process freed earlier would be reused without showing as growth, so on entry freed memory is
+    handed back to the OS first (`gc.collect()` and glibc's `malloc_trim(0)`; measured: MiniLM full
+    finetuning then LoRA read 972 then 0 MB without it, 981 then 607 MB with it). Still a lower bound
+    on CPU (allocator caches, sampling interval).
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
@@ -83,6 +96,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_freed_memory()
             self._proc = psutil.Process()
             self._start = self._peak = self._proc.memory_info().rss
             self._stop = threading.Event()

@@ -42,8 +42,8 @@ def test_full_finetuning_with_adam_is_16_bytes_per_parameter():
 def test_training_memory_of_a_method_counts_its_trainable_parameters():
     lora = calc.peft_params("llama-7b", "lora", r=8)
     mem = calc.training_memory("llama-7b", "lora", r=8, dtype="bf16")
-    assert mem == {"weights": 2 * 6_738_415_616, "gradients": 2 * lora, "optimizer": 4 * lora,
-                   "total": 2 * 6_738_415_616 + 6 * lora}
+    assert mem == {"weights": 2 * (6_738_415_616 + lora), "gradients": 2 * lora, "optimizer": 4 * lora,
+                   "total": 2 * 6_738_415_616 + 8 * lora}  # frozen weights 2 bytes, each LoRA parameter 2 + 2 + 4
     with_acts = calc.training_memory("llama-7b", "lora", r=8, dtype="bf16", batch_size=1, seq_len=512)
     acts = calc.activation_memory_bytes("llama-7b", 1, 512, 2)
     assert with_acts["activations (estimate)"] == acts > 0
@@ -68,9 +68,9 @@ def test_other_methods_follow_their_formulas():
     a = calc.ARCHS["smollm2-135m"]
     assert calc.peft_params(a, "prompt", n_tokens=20) == 20 * 576
     assert calc.peft_params(a, "prefix", n_tokens=10) == 2 * 30 * 10 * 192  # GQA: 3 kv heads x 64
-    width = 2 * 30 * 192  # the reparameterization MLP: Embedding(10, 576) -> 576x512 -> 512x(2 L kv_dim)
+    width = 2 * 30 * 192  # the reparameterization MLP: Embedding(10, kv_dim) -> kv_dim x 512 -> 512 x (2 L kv_dim)
     assert calc.peft_params(a, "prefix", n_tokens=10, reparam=True, hidden=512) == (
-        10 * 576 + 576 * 512 + 512 + 512 * width + width)
+        10 * 192 + 192 * 512 + 512 + 512 * width + width)
     # Houlsby et al.: 2md + d + m per adapter, two per layer; Pfeiffer and parallel one per layer
     assert calc.peft_params(a, "adapter", size=16) == 2 * 30 * (2 * 16 * 576 + 576 + 16)
     assert calc.peft_params("minilm", "adapter", size=16, placement="pfeiffer") == 6 * (2 * 16 * 384 + 384 + 16)
@@ -175,3 +175,47 @@ def test_presets_match_our_smollm2(smollm2):
 
 def test_minilm_goes_by_both_names():
     assert calc.get_arch("minilm-l6") is calc.get_arch("minilm")
+
+
+METHOD_CONFIGS = [
+    ("lora", {"r": 4, "targets": ("q", "v")}),
+    ("prompt", {"n_tokens": 20}),
+    ("prefix", {"n_tokens": 10, "reparam": False}),
+    ("prefix", {"n_tokens": 10, "reparam": True, "hidden": 64}),
+    ("adapter", {"size": 16, "placement": "houlsby"}),
+    ("adapter", {"size": 16, "placement": "pfeiffer"}),
+    ("adapter", {"size": 8, "placement": "parallel"}),
+    ("llama_adapter", {"n_tokens": 10, "n_layers": 4}),
+]
+
+
+def _apply(model, method, h, family):
+    """pefttutor's own `apply` for a calculator method and hyperparameters."""
+    from pefttutor.methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+
+    if method == "lora":
+        names = {"llama": {"q": "q_proj", "v": "v_proj"}, "bert": {"q": "query", "v": "value"}}[family]
+        return lora.apply(model, [names[t] for t in h["targets"]], r=h["r"])
+    if method == "prompt":
+        return prompt_tuning.apply(model, h["n_tokens"])
+    if method == "prefix":
+        return prefix_tuning.apply(model, h["n_tokens"], reparam=h["reparam"], **({"hidden": h["hidden"]} if h["reparam"] else {}))
+    if method == "adapter":
+        return adapters.apply(model, h["size"], placement=h["placement"])
+    return llama_adapter.apply(model, n_tokens=h["n_tokens"], n_layers=h["n_layers"])
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("which", ["minilm", "smollm2-135m"])
+def test_calculator_equals_what_apply_trains_on_our_models(which, minilm, smollm2):
+    import copy
+
+    base, family = (minilm[0], "bert") if which == "minilm" else (smollm2[0], "llama")
+    checked = 0
+    for method, h in METHOD_CONFIGS:
+        if method == "llama_adapter" and family != "llama":
+            continue
+        model = _apply(copy.deepcopy(base), method, h, family)
+        assert params.count_parameters(model)[0] == calc.peft_params(which, method, **h), (method, h)
+        checked += 1
+    assert checked == (8 if family == "llama" else 7)

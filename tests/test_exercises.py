@@ -70,3 +70,20 @@ def test_notebook01_checkers_right_and_wrong(capsys):
     ex = nb01.minilm_block_params(block)
     assert ex.check(4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 2 * 2 * 384) is True
     assert ex.check(4 * 384 * 384 + 2 * 384 * 1536) is False
+
+
+def test_conclusion_exercises(capsys):
+    from pefttutor.exercises import conclusion as c
+
+    assert c.llama_adapter_7b.check(30 * (10 * 4096 + 32)) is True
+    assert c.llama_adapter_7b.check(30 * 10 * 4096) is False
+    runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}, {"accuracy": 0.76, "file_bytes": 90e6}],
+            "LoRA": [{"accuracy": 0.76, "file_bytes": 300e3}],
+            "head only": [{"accuracy": 0.66, "file_bytes": 5e3}]}
+    ex = c.smallest_close_to_full(runs)
+    assert ex.check("LoRA") is True and ex.check("head only") is False
+    assert c.largest_fitting_rank(budget_gb=131) == 0 or c.largest_fitting_rank(budget_gb=131) < 30
+    r = c.largest_fitting_rank()
+    assert c.lora_65b_rank.check(r) is True and c.lora_65b_rank.check(r + 1) is False
+    assert c.lora_65b_rank.check(None) is None
+    assert "not attempted" in capsys.readouterr().out
