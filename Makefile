@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test execute figures site data clean
+.PHONY: setup lab test execute figures site bench bench-quick data clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,15 @@ figures: $(STAMP)
 # The executed notebooks as a static HTML site in docs/ (open docs/index.html).
 site: $(STAMP)
 	$(PY) -m pefttutor.publish site --out docs
+
+# pefttutor against transformers + peft, side by side in one process: training step time, peak
+# memory, latency (benchmarks/results.json and RESULTS.md; about 20 minutes on 2 CPU cores).
+# bench-quick: small shapes and few repeats, into build/bench-quick/ (under 3 minutes).
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench.py --quick --out build/bench-quick $(BENCH_ARGS)
 
 # Regenerate data/ from its sources (byte for byte).
 data: $(STAMP)

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .params import find_modules
+
 
 def temporary_path(path: Path) -> Path:
     """A hidden sibling of `path` to write first and then os.replace: readers never see half a file."""
@@ -43,6 +45,17 @@ def read(path: str | os.PathLike, key: str, what: str) -> tuple[dict[str, Any], 
     if raw is None:
         raise ValueError(f"{path} is not a pefttutor {what} file (no {key!r} config in its header)")
     return json.loads(raw), tensors
+
+
+def module_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The state_dict entries of the modules whose paths end with `names`, under the model's own keys
+    (e.g. `classifier.weight`); detached, sharing memory with the model. Unknown names raise ValueError."""
+    if not names:
+        return {}
+    state = {}
+    for path, module in find_modules(model, names, torch.nn.Module).items():
+        state.update({f"{path}.{k}": v.detach() for k, v in module.state_dict().items()})
+    return state
 
 
 def _names(keys: list[str], limit: int = 5) -> str:

@@ -239,10 +239,10 @@ def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy; positions labelled -100 (prompt, padding) are not scored."""
     logits = _logits(model, batch)  # (B, T, vocab)
-    # token t predicts token t+1: drop the last prediction and the first label
-    return nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
-    )
+    # token t predicts token t+1: shift the labels one step left (the last position predicts nothing,
+    # -100), not the logits, so the large (B, T, vocab) logits and their gradient are never copied
+    labels = nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()

@@ -24,6 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _native_gqa(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether SDPA's fast kernel shares the kv heads itself (`enable_gqa`, torch >= 2.5): the CPU
+    flash kernel does, with or without a mask; on GPUs only flash attention does, which takes no mask
+    (with one, SDPA would fall back to its slow math kernel, so k and v are repeated instead)."""
+    return _SDPA_HAS_GQA and (mask is None or q.device.type == "cpu")
+
+
 def get_prefix(attn: nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layer's prefix (k, v), or None when there is none or it is empty (P == 0)."""
     if attn.prefix is None:
@@ -53,10 +63,14 @@ def attend(
             is_causal = False
         if mask is not None:  # prefix columns always visible
             mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+    gqa = {}
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves H/Hkv query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        if _native_gqa(q, mask):
+            gqa = {"enable_gqa": True}  # shared inside the kernel: no H-head copies of k, v saved for backward
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, **gqa)
     if attn.adapter is not None:
         out = out + attn.adapter(q, attn)
     return out

@@ -143,12 +143,22 @@ class BertPooler(nn.Module):
 
 
 class Bert(nn.Module):
+    """Encoder: embeddings (word + position + token type) -> N x post-LN blocks; last hidden states.
+
+    Input hook for soft prompts, None by default:
+      soft_prompt: soft_prompt(B) -> (B, P, d). Its P vectors are prepended to the word
+               embeddings *before* position and token-type embeddings are added, as HF peft does:
+               virtual tokens take positions 0..P-1 and token type 0, real tokens start at P. P ones
+               are prepended to the attention mask; hidden states come back for the real tokens only.
+    """
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))))
         self.pooler = BertPooler(config)
+        self.soft_prompt = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -172,6 +182,27 @@ class Bert(nn.Module):
         model.load_state_dict(state, strict=True)
         return model.train(hf_model.training)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The word embedding matrix (vocab, d), as transformers names the accessor."""
+        return self.embeddings.word_embeddings
+
+    def _prepend_soft_prompt(self, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids):
+        """The `soft_prompt` hook: the same five inputs, each extended by the P virtual tokens, and P."""
+        if self.soft_prompt is None:
+            return input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids, 0
+        x = self.embeddings.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        prompt = self.soft_prompt(x.shape[0]).to(x.dtype)  # (B, P, d)
+        B, P = prompt.shape[:2]
+        front = torch.zeros(B, P, dtype=torch.long, device=x.device)  # (B, P)
+        if attention_mask is not None:
+            attention_mask = torch.cat([torch.ones_like(front).to(attention_mask.dtype), attention_mask], dim=1)
+        if token_type_ids is not None:
+            token_type_ids = torch.cat([front, token_type_ids.expand(B, -1)], dim=1)
+        if position_ids is not None:  # virtual tokens at 0..P-1, the given positions shifted by P
+            virtual = torch.arange(P, device=x.device).expand(B, P)
+            position_ids = torch.cat([virtual, position_ids.expand(B, -1) + P], dim=1)
+        return None, attention_mask, token_type_ids, torch.cat([prompt, x], dim=1), position_ids, P
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
@@ -180,11 +211,13 @@ class Bert(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, d) instead of input_ids
         position_ids: torch.Tensor | None = None,  # (B|1, T), default 0..T-1
     ) -> torch.Tensor:  # last hidden states (B, T, d)
-        x = self.embeddings(input_ids, token_type_ids, inputs_embeds, position_ids)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids, P = self._prepend_soft_prompt(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids)
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds, position_ids)  # (B, P + T, d)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, P + T)
         for layer in self.encoder.layer:
             x = layer(x, mask)
-        return x
+        return x[:, P:]  # the real tokens' states (B, T, d)
 
     def embed(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Sentence embeddings as sentence-transformers' all-MiniLM: mean pool, L2-normalise. (B, d)"""

@@ -75,10 +75,10 @@ class Rotary(nn.Module):
         # (moved to the input's device on first use; built on CPU even under a meta-device init)
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):  # (B, T) -> cos, sin (B, 1, T, hd)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):  # (B|1, T) -> cos, sin (B|1, 1, T, hd)
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        freqs = positions[..., None].float() * self.inv_freq  # (B|1, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # HF layout: rotate the two halves, not pairs
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -152,7 +152,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LM: embed -> N x (attention, SwiGLU) pre-norm blocks -> norm -> lm_head."""
+    """Decoder-only LM: embed -> N x (attention, SwiGLU) pre-norm blocks -> norm -> lm_head.
+
+    Input hook for soft prompts, None by default:
+      soft_prompt: soft_prompt(B) -> (B, P, d). When there is no cache, its P vectors are
+               prepended to the token embeddings as virtual tokens at positions 0..P-1 (real
+               tokens start at P) and enter the KV cache like any token. The attention mask the
+               caller passes covers only the real tokens (cached + new); P ones are prepended to it,
+               also while decoding from a cache that holds the virtual tokens. Logits are returned
+               for the real tokens only, so losses, scoring and `generate` work unchanged.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -164,6 +173,7 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.soft_prompt = None
         self.apply(self._init_weights)
         if config.tie_word_embeddings:  # one matrix both embeds tokens and scores them
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -186,10 +196,17 @@ class Llama(nn.Module):
         model.load_state_dict(hf_model.state_dict(), strict=True)
         return model.train(hf_model.training)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding matrix (vocab, d), as transformers names the accessor."""
+        return self.model.embed_tokens
+
     def _positions_and_mask(self, attention_mask, B, T, past, device):
-        """Rope positions (B, T) and a bool mask (B|1, 1, T, past+T) or None with is_causal."""
+        """Rope positions (B, T), or (1, T) when every row has the same, and a bool mask
+        (B|1, 1, T, past+T) or None with is_causal."""
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            attention_mask = None  # no padding: plain causal attention, SDPA's is_causal path (as HF does)
         if attention_mask is None:
-            positions = torch.arange(past, past + T, device=device)[None].expand(B, T)
+            positions = torch.arange(past, past + T, device=device)[None]  # (1, T): cos/sin broadcast over B
             if past == 0 or T == 1:  # plain causal, or one new token that sees everything
                 return positions, None, past == 0 and T > 1
         else:
@@ -203,18 +220,35 @@ class Llama(nn.Module):
             mask = mask | (k_pos == q_pos)  # a pad query still sees itself: no all-masked rows (NaN)
         return positions, mask, False
 
+    def _prepend_soft_prompt(self, x, attention_mask, past):
+        """The `soft_prompt` hook: (x, attention_mask, P) with the P virtual tokens put in front of
+        x (B, T, d) when nothing is cached yet, and P ones in front of the mask (B, past - P + T)."""
+        if self.soft_prompt is None:
+            return x, attention_mask, 0
+        prompt = self.soft_prompt(x.shape[0]).to(x.dtype)  # (B, P, d)
+        P = prompt.shape[1]
+        if past == 0:  # with a cache, the virtual tokens are already in it
+            x = torch.cat([prompt, x], dim=1)  # (B, P + T, d)
+        if attention_mask is not None:
+            if attention_mask.shape[1] + P != past + x.shape[1]:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, expected {past + x.shape[1] - P}: "
+                                 f"the real tokens, cached and new, without the {P} virtual ones")
+            attention_mask = torch.cat([attention_mask.new_ones(x.shape[0], P), attention_mask], dim=1)
+        return x, attention_mask, P
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 real / 0 pad, left or right
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 real / 0 pad, left or right; real tokens only
         inputs_embeds: torch.Tensor | None = None,  # (B, T, d) instead of input_ids (soft prompts)
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
     ):
         """Logits (B, T, vocab); with use_cache, (logits, cache) where cache covers past + T."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        B, T, _ = x.shape
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        x, attention_mask, P = self._prepend_soft_prompt(x, attention_mask, past)
+        B, T, _ = x.shape
         positions, mask, is_causal = self._positions_and_mask(attention_mask, B, T, past, x.device)
         # cos/sin for positions shifted by a layer's prefix length; computed once per offset
         rope_at = functools.cache(lambda offset: self.rotary(positions + offset, x.dtype))
@@ -222,6 +256,8 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, rope_at, mask, is_causal, None if past_key_values is None else past_key_values[i])
             cache.append(kv)
+        if P and past == 0:
+            x = x[:, P:]  # drop the virtual tokens' states: (B, T_real, d)
         logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
         return (logits, cache) if use_cache else logits
 

@@ -1,0 +1,126 @@
+"""The benchmark harness (benchmarks/bench.py) on tiny random models: every method and variant runs,
+results.json has the documented schema, and RESULTS.md renders every measured row."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from pefttutor.config import repo_root
+
+FIELDS = {"section", "impl", "model", "method", "batch", "seq_len", "metric", "median", "min", "max", "runs"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", repo_root() / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench.main(["--weights", "tiny", "--quick", "--device", "cpu", "--repeats", "2", "--warmup", "0",
+                "--out", str(out)])
+    return json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text()
+
+
+def test_records_have_the_schema(run):
+    result, _ = run
+    assert {"machine", "settings", "missing_methods", "wall_time_s", "records"} <= result.keys()
+    assert {"cpu", "cores", "torch", "transformers", "peft", "device", "date"} <= result["machine"].keys()
+    for r in result["records"]:
+        assert r.keys() == FIELDS, r
+        assert r["impl"] in ("pefttutor", "peft") and r["model"] in ("smollm2", "minilm")
+        assert r["min"] <= r["median"] <= r["max"], r
+        assert r["runs"] == (2 if r["metric"] in ("step_time_s", "latency_ms", "latency_vs_base") else 1), r
+        assert r["median"] > 0, r
+
+
+def test_every_available_method_is_measured_by_both(run, bench):
+    result, _ = run
+    records = result["records"]
+    seen = {(r["section"], r["impl"], r["model"], r["method"], r["metric"]) for r in records}
+    for key, method in bench.METHODS.items():
+        if not bench.available(method):
+            assert method.module in result["missing_methods"]
+            continue
+        for model in method.models:
+            for impl in bench.IMPLS:
+                for metric in ("step_time_s", "peak_memory_mb", "step_memory_mb", "trainable_params"):
+                    assert ("train", impl, model, key, metric) in seen, (impl, model, key, metric)
+    for key, variant in bench.VARIANTS.items():
+        impls = bench.IMPLS if variant.peft is not None else ("pefttutor",)
+        if bench.available(variant):
+            for model in ("smollm2", "minilm"):
+                for impl in impls:
+                    assert ("latency", impl, model, key, "latency_ms") in seen
+                    assert (key == "base") != (("latency", impl, model, key, "latency_vs_base") in seen)
+    assert {r["seq_len"] for r in records if r["section"] == "scaling_seq"} == set(bench.QUICK["scaling_seqs"])
+    assert {r["method"] for r in records if r["section"] == "scaling_rank"} == {
+        f"lora_qv_r{r}" for r in bench.QUICK["scaling_ranks"]}
+
+
+def test_same_method_same_trainable_count(run):
+    """Both implementations train the same number of parameters (LLaMA-Adapter: peft's gate is one
+    scalar per layer, pefttutor's one per head, as in the paper)."""
+    result, _ = run
+    counts = {}
+    for r in result["records"]:
+        if r["metric"] == "trainable_params":
+            counts.setdefault((r["model"], r["method"]), {})[r["impl"]] = r["median"]
+    for (model, method), c in counts.items():
+        if method != "llama_adapter":
+            assert c["pefttutor"] == c["peft"], (model, method, c)
+
+
+def test_results_md_renders_every_row(run, bench):
+    result, md = run
+    assert md == bench.render(result)
+    assert result["machine"]["cpu"] in md and result["machine"]["torch"] in md
+    for title in ("## Training step", "## Inference latency", "## Scaling with sequence length",
+                  "## Scaling with LoRA rank", "## How memory is measured"):
+        assert title in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| smollm2") or line.startswith("| minilm")]
+    keys = {(r["section"], r["model"], r["method"], r["batch"]) for r in result["records"]
+            if r["section"] in ("train", "latency")}
+    assert len(table_rows) == len(keys)
+    tables, previous = [], False
+    for line in md.splitlines():  # consecutive "|" lines form a table: each has the header's columns
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            tables[-1].append(line.count("|"))
+        previous = line.startswith("|")
+    assert len(tables) == 4 and all(len(set(t)) == 1 for t in tables)
+    ratio = [line for line in table_rows if " full finetuning " in line][0]
+    assert ratio.count("x") >= 3  # time ratios (median / min) and the memory ratio
+
+
+def test_step_peak_counts_allocations(bench):
+    """The CPU memory measure is exact for tensors: a 4 MiB temporary shows up as 4 MiB."""
+
+    def fn():
+        x = torch.empty(2**20)  # 4 MiB
+        del x
+        torch.empty(2**18)  # 1 MiB, freed right away
+
+    assert bench.step_peak_bytes(fn, torch.device("cpu")) == 2**22
+    assert bench.tensor_bytes([torch.empty(10), torch.empty(10)]) == 80
+    w = torch.empty(10)
+    assert bench.tensor_bytes([w, w]) == 40  # a tied tensor counts once
+
+
+@pytest.mark.parametrize("name", ["smollm2", "minilm"])
+def test_both_implementations_compute_the_same_loss(bench, name):
+    """Same weights, same batch: each implementation's own loss (pefttutor.train's, transformers'
+    from labels) has the same value, so the two steps do the same work."""
+    kit = bench.load_kit(name, torch.device("cpu"), "tiny")
+    batch = kit.batch(2, 8, torch.device("cpu"))
+    losses = [kit.loss(kit.task(kit.fresh(impl), impl).eval(), batch, impl) for impl in bench.IMPLS]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
