@@ -54,7 +54,7 @@ site: $(STAMP)
 	$(PY) -m pefttutor.publish site --out docs
 
 # pefttutor against transformers + peft, side by side in one process: training step time, peak
-# memory, latency (benchmarks/results.json and RESULTS.md; about 20 minutes on 2 CPU cores).
+# memory, latency (benchmarks/results.json and RESULTS.md; about 25 minutes on 2 busy CPU cores).
 # bench-quick: small shapes and few repeats, into build/bench-quick/ (under 3 minutes).
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
