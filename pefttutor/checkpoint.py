@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .params import find_modules
+
+C = TypeVar("C")  # a method's config dataclass
 
 
 def temporary_path(path: Path) -> Path:
@@ -37,14 +40,35 @@ def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, key: str,
         tmp.unlink(missing_ok=True)
 
 
-def read(path: str | os.PathLike, key: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of a file written by `save` under `key`; ValueError naming `what` otherwise."""
+def read(path: str | os.PathLike, key: str, what: str, config_class: type[C]) -> tuple[C, dict[str, torch.Tensor]]:
+    """(config, tensors) of a file written by `save` under `key`, the config rebuilt as `config_class`
+    (a dataclass; JSON lists become tuples). ValueError naming `what` for any other file."""
     with safe_open(str(path), "pt") as f:
         raw = (f.metadata() or {}).get(key)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if raw is None:
         raise ValueError(f"{path} is not a pefttutor {what} file (no {key!r} config in its header)")
-    return json.loads(raw), tensors
+    config = json.loads(raw)
+    unknown = sorted(config.keys() - {f.name for f in fields(config_class)})
+    if unknown:
+        raise ValueError(f"{path}: unknown {what} settings {unknown} (written by another pefttutor version?)")
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}), tensors
+
+
+def attached_config(model: torch.nn.Module, attr: str, config_class: type[C], missing: str) -> C:
+    """The config a method's `apply` recorded on the model as `attr`; ValueError(`missing`) if none."""
+    config = getattr(model, attr, None)
+    if not isinstance(config, config_class):
+        raise ValueError(missing)
+    return config
+
+
+def require_same(config: Any, saved: Any, names: tuple[str, ...], path: str | os.PathLike, what: str) -> None:
+    """Refuse a file whose settings `names` differ from the model's: ValueError listing each difference."""
+    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
+            for k in names if getattr(config, k) != getattr(saved, k)]
+    if diff:
+        raise ValueError(f"{what} config mismatch with {path}: " + "; ".join(diff))
 
 
 def module_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

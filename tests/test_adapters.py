@@ -11,20 +11,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapter_files import rewrite
 from pefttutor import calculator, params
 from pefttutor.methods import adapters
 from pefttutor.methods.adapters import Bottleneck, ParallelAdapter, ParallelAddNormAdapter, SerialAdapter
-from pefttutor.models.bert import Bert, BertClassifier, BertConfig
-from pefttutor.models.llama import Llama, LlamaConfig
+from pefttutor.models.bert import Bert, BertClassifier
+from pefttutor.models.llama import Llama
+from tiny_models import tiny_bert, tiny_llama
 
-TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-TINY_BERT = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=48, max_position_embeddings=32)
 D, M = 32, 4
 PER_ADAPTER = 2 * M * D + D + M  # 292
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -35,16 +32,6 @@ SITES = {  # placement -> the wrapped modules of one block, and their wrapper
              "pfeiffer": {"output.dense": SerialAdapter}, "parallel": {"output": ParallelAddNormAdapter}},
 }
 BLOCKS = {"llama": "model.layers", "bert": "encoder.layer"}
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return Llama(TINY_LLAMA).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return Bert(TINY_BERT).eval()
 
 
 MAKE = {"llama": tiny_llama, "bert": tiny_bert}
@@ -334,13 +321,6 @@ def test_save_load_round_trip(saved):
     again = adapters.apply(fresh_classifier(), size=M, placement="pfeiffer", sigma=0.5, train_layernorms=True,
                            train=("classifier",))  # sigma differs: only matters before training
     assert torch.equal(adapters.load(again, path)(x, mask), model(x, mask))
-
-
-def rewrite(path, change):
-    with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
 
 
 K = "bert.encoder.layer.0.output.dense.adapter.up.weight"

@@ -5,31 +5,24 @@ and `pefttutor.methods.adapters` cannot drift apart.
 """
 
 import copy
-from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from notebook_cells import run_cell
 from pefttutor.exercises import adapters as exercises
 from pefttutor.methods import adapters
 from pefttutor.models.bert import Bert, BertConfig
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "04_adapters.ipynb"
+NOTEBOOK = "04_adapters.ipynb"
 MARK = "class Adapter(nn.Module):"
 
 
 @pytest.fixture(scope="module")
 def NotebookAdapter():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and MARK in c.source]
-    assert len(cells) == 1, f"expected one cell defining {MARK!r} in {NOTEBOOK.name}, found {len(cells)}"
-    assert len(cells[0].source.splitlines()) <= 25, "the from-scratch cell should stay short"
-    namespace = {}
-    exec(compile(cells[0].source, f"{NOTEBOOK.name}:Adapter", "exec"), namespace)  # self-contained cell
-    return namespace["Adapter"]
+    return run_cell(NOTEBOOK, MARK, max_lines=25)["Adapter"]
 
 
 @pytest.mark.parametrize("d, m, sigma", [(8, 3, 1e-2), (384, 64, 1e-2), (16, 16, 0.5)])

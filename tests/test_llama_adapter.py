@@ -4,9 +4,8 @@ and the exercises."""
 
 import copy
 import math
-from pathlib import Path
+from dataclasses import replace
 
-import nbformat
 import peft
 import pytest
 import torch
@@ -16,23 +15,24 @@ from torch import nn
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
+from adapter_files import rewrite
+from notebook_cells import run_cell
 from pefttutor import calculator, params
 from pefttutor.exercises import llama_adapter as exercises
 from pefttutor.methods import llama_adapter
 from pefttutor.models import Bert, BertConfig, Llama, LlamaConfig
+import tiny_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft vs transformers 5
 
 TOL = 1e-4
-TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "04_adapters.ipynb"
+TINY = replace(tiny_models.LLAMA, num_hidden_layers=4)
+NOTEBOOK = "04_adapters.ipynb"
 MARK = "def gated_adaption_attention("
 
 
 def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(**{**TINY.__dict__, **kw})).eval()
+    return tiny_models.tiny_llama(seed, **{"num_hidden_layers": TINY.num_hidden_layers, **kw})
 
 
 def open_gates(model, seed=1, std=0.5):
@@ -290,13 +290,6 @@ def test_save_load_round_trip(saved):
     assert torch.equal(llama_adapter.load(again, path)(ids), model(ids))
 
 
-def rewrite(path, change):
-    with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.pop(P3), f"missing keys: {P3}"),
     (lambda t: t.update(extra=torch.zeros(1)), "unexpected keys: extra"),
@@ -417,14 +410,7 @@ def test_equals_peft_adaption_prompt_on_smollm2(smollm2_hf, smollm2):
 
 @pytest.fixture(scope="module")
 def notebook_function():
-    if not NOTEBOOK.exists():
-        pytest.skip(f"{NOTEBOOK.name} is not built yet")
-    cells = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code" and MARK in c.source]
-    assert len(cells) == 1, f"expected one cell defining {MARK!r} in {NOTEBOOK.name}, found {len(cells)}"
-    assert len(cells[0].source.splitlines()) <= 20, "the from-scratch cell should stay short"
-    namespace = {}
-    exec(compile(cells[0].source, f"{NOTEBOOK.name}:gated_adaption_attention", "exec"), namespace)
-    return namespace["gated_adaption_attention"]
+    return run_cell(NOTEBOOK, MARK, max_lines=20)["gated_adaption_attention"]
 
 
 @pytest.mark.parametrize("n_heads, n_kv", [(4, 2), (4, 4), (9, 3)])

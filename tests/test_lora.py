@@ -1,32 +1,19 @@
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapter_files import rewrite
 from pefttutor import params
 from pefttutor.methods import lora
 from pefttutor.methods.lora import LoRALinear
-from pefttutor.models.bert import Bert, BertConfig
-from pefttutor.models.llama import Llama, LlamaConfig
+from pefttutor.models.llama import Llama
+from tiny_models import LLAMA, tiny_bert, tiny_llama
 
-TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-TINY_BERT = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=48, max_position_embeddings=32)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return Llama(TINY_LLAMA).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return Bert(TINY_BERT).eval()
 
 
 def randomize_b(model, seed=1, std=0.1):
@@ -175,7 +162,7 @@ def test_merge_on_a_model_keeps_outputs():
 
 def test_merge_refuses_a_tied_weight():
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(**{**TINY_LLAMA.__dict__, "tie_word_embeddings": True}))
+    model = Llama(replace(LLAMA, tie_word_embeddings=True))
     lora.apply(model, ("lm_head",), r=2)
     randomize_b(model)
     with pytest.raises(ValueError, match="tied"):
@@ -211,13 +198,6 @@ def test_save_load_round_trip(saved):
     assert torch.equal(fresh(x), model(x))
     again = lora.apply(tiny_llama(), ("q_proj", "v_proj"), r=4, alpha=8, train=("lm_head",))
     assert torch.equal(lora.load(again, path)(x), model(x))
-
-
-def rewrite(path, change):
-    with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
 
 
 A0 = "model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -5,31 +5,24 @@ and `pefttutor.methods.lora.LoRALinear` cannot drift apart.
 """
 
 import copy
-from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 from torch import nn
 
+from notebook_cells import run_cell
 from pefttutor import params
 from pefttutor.exercises import lora as exercises
 from pefttutor.methods import lora
 from pefttutor.models import LlamaConfig
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "05_lora.ipynb"
+NOTEBOOK = "05_lora.ipynb"
 MARK = "class LoRALinear(nn.Module):"
 
 
 @pytest.fixture(scope="module")
 def NotebookLoRA():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and MARK in c.source]
-    assert len(cells) == 1, f"expected one cell defining {MARK!r} in {NOTEBOOK.name}, found {len(cells)}"
-    assert len(cells[0].source.splitlines()) <= 25, "the from-scratch cell should stay short"
-    namespace = {}
-    exec(compile(cells[0].source, f"{NOTEBOOK.name}:LoRALinear", "exec"), namespace)  # self-contained cell
-    return namespace["LoRALinear"]
+    return run_cell(NOTEBOOK, MARK, max_lines=25)["LoRALinear"]
 
 
 def pair(NotebookLoRA, d_in, d_out, r, alpha, bias=True):

@@ -7,7 +7,6 @@ import os
 import peft
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig as HFBertConfig
@@ -15,32 +14,24 @@ from transformers import BertModel
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
+from adapter_files import rewrite
 from pefttutor import params
 from pefttutor.data import position_ids_from_mask
 from pefttutor.methods import prefix_tuning as pt
 from pefttutor.models import Bert, BertClassifier, Llama
-from pefttutor.models.bert import BertConfig
 from pefttutor.models.llama import LlamaConfig
+import tiny_models
+from tiny_models import tiny_bert
 
 # peft calls a deprecated transformers method, and hands its prefix over under a deprecated name
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
               pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
 
 TOL = 1e-4
-TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-TINY_BERT = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=48, max_position_embeddings=32)
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return Llama(TINY_LLAMA).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return Bert(TINY_BERT).eval()
+    return tiny_models.tiny_llama(seed, num_hidden_layers=3)  # an odd layer count: per-layer slicing shows
 
 
 def kv_dim(model):
@@ -210,12 +201,33 @@ def test_drop_reparam_keeps_outputs_and_leaves_only_the_prefix(make):
     assert torch.equal(pt.prefix_encoder(model).prompt_embeddings, table)
 
 
-def test_layer_slice_equals_full_table():
-    """With the MLP, a layer computes only its slice of the last Linear: the same numbers."""
+def test_layer_block_equals_full_table():
+    """Outside a model forward, a layer's block is its columns of P_theta."""
     encoder = pt.PrefixEncoder(5, 3, 16, reparam=True, hidden=12)
     full = encoder().detach()
     for i in range(3):
-        torch.testing.assert_close(encoder.layer(i), full[:, 32 * i:32 * (i + 1)], rtol=0, atol=1e-6)
+        torch.testing.assert_close(encoder.layer(i), full[:, 32 * i:32 * (i + 1)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reparam", [True, False], ids=["mlp", "plain"])
+def test_prefix_computed_once_per_forward(reparam):
+    """The model's pre-hook computes P_theta once for all layers, and drops it after the forward;
+    gradients equal those of computing every layer's prefix on its own."""
+    model = pt.apply(tiny_llama(), n_tokens=3, reparam=reparam, hidden=8)
+    encoder = pt.prefix_encoder(model)
+    calls = []
+    handle = encoder.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 64, (2, 5))
+    model(ids).square().mean().backward()
+    handle.remove()
+    assert len(calls) == 1 and encoder._layers is None
+    once = [p.grad.clone() for p in encoder.parameters()]
+
+    model.zero_grad()  # the same loss with each layer computing its own prefix (no pre-hook)
+    model._forward_pre_hooks.clear()
+    model(ids).square().mean().backward()
+    for a, p in zip(once, encoder.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -268,13 +280,6 @@ def test_save_after_drop_reparam_round_trip(tmp_path):
     ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
         assert torch.equal(fresh(ids), model(ids))
-
-
-def rewrite(path, change):
-    with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
 
 
 HEAD = "classifier.weight"

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from adapter_files import rewrite
 from pefttutor import params, train
 from pefttutor.methods import prompt_tuning as pt
 from pefttutor.models import Bert, BertClassifier, Llama
@@ -293,13 +294,6 @@ def test_save_load_round_trip(saved):
     again = pt.apply(BertClassifier(tiny_bert(), 3).eval(), 6, train="classifier")
     assert torch.equal(pt.load(again, path)(ids, mask), model(ids, mask))
     assert params.count_parameters(fresh)[0] == 6 * 64 + 64 * 3 + 3
-
-
-def rewrite(path, change):
-    with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    change(tensors)
-    save_file(tensors, path, metadata=metadata)
 
 
 KEY = "bert.soft_prompt.prompt_embeddings"

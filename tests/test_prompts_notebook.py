@@ -4,31 +4,23 @@ The cell defining `prepend_soft_prompt` is read from the committed notebook and 
 readers see and `pefttutor.methods.prompt_tuning` cannot drift apart.
 """
 
-from pathlib import Path
-
-import nbformat
 import pytest
 import torch
 
+from notebook_cells import run_cell
 from pefttutor.exercises import prompts as exercises
 from pefttutor.methods import prompt_tuning
 from pefttutor.models import Bert, BertClassifier, Llama
 from pefttutor.models.bert import BertConfig
 from pefttutor.models.llama import LlamaConfig
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "02_hard_vs_soft_prompts.ipynb"
+NOTEBOOK = "02_hard_vs_soft_prompts.ipynb"
 MARK = "def prepend_soft_prompt("
 
 
 @pytest.fixture(scope="module")
 def cell():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and MARK in c.source]
-    assert len(cells) == 1, f"expected one cell defining {MARK!r} in {NOTEBOOK.name}, found {len(cells)}"
-    assert len(cells[0].source.splitlines()) <= 20, "the from-scratch cell should stay short"
-    namespace = {}
-    exec(compile(cells[0].source, f"{NOTEBOOK.name}:prepend_soft_prompt", "exec"), namespace)  # self-contained
-    return namespace
+    return run_cell(NOTEBOOK, MARK, max_lines=20)
 
 
 def tiny(kind):

@@ -257,10 +257,10 @@ def apply(
 
 def get_config(model: nn.Module) -> BottleneckConfig:
     """The model's BottleneckConfig; ValueError if adapters were never applied."""
-    config = getattr(model, "bottleneck_config", None)
-    if not isinstance(config, BottleneckConfig):
-        raise ValueError("this model has no bottleneck adapters: call adapters.apply(model, size) first")
-    return config
+    return checkpoint.attached_config(
+        model, "bottleneck_config", BottleneckConfig, "this model has no bottleneck adapters:"
+        " call adapters.apply(model, size) first"
+    )
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -291,14 +291,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     has them, size, placement and activation must equal the saved ones (sigma and init only
     matter before training). Keys and shapes are checked strictly (`checkpoint.load_strict`).
     """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "bottleneck adapter")
-    saved = BottleneckConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "bottleneck adapter", BottleneckConfig)
     if not hasattr(model, "bottleneck_config"):
         apply(model, **asdict(saved))
-    config = get_config(model)
-    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
-            for k in ("size", "placement", "activation") if getattr(config, k) != getattr(saved, k)]
-    if diff:
-        raise ValueError(f"adapter config mismatch with {path}: " + "; ".join(diff))
+    checkpoint.require_same(get_config(model), saved, ("size", "placement", "activation"), path, "adapter")
     checkpoint.load_strict(adapter_state_dict(model), tensors)
     return model

@@ -137,10 +137,10 @@ def apply(
 
 def get_config(model: nn.Module) -> LlamaAdapterConfig:
     """The model's LlamaAdapterConfig; ValueError if LLaMA-Adapter was never applied."""
-    config = getattr(model, "llama_adapter_config", None)
-    if not isinstance(config, LlamaAdapterConfig):
-        raise ValueError("this model has no LLaMA-Adapter: call llama_adapter.apply(model) first")
-    return config
+    return checkpoint.attached_config(
+        model, "llama_adapter_config", LlamaAdapterConfig, "this model has no LLaMA-Adapter:"
+        " call llama_adapter.apply(model) first"
+    )
 
 
 def gates(model: nn.Module) -> torch.Tensor:
@@ -182,14 +182,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     has it, n_tokens and n_layers must equal the saved ones (init_gate may differ: the loaded gates
     replace it). Keys and shapes are checked strictly (`load_adapter_state_dict`).
     """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LLaMA-Adapter")
-    saved = LlamaAdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LLaMA-Adapter", LlamaAdapterConfig)
     if not hasattr(model, "llama_adapter_config"):
         apply(model, **asdict(saved))
-    config = get_config(model)
-    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
-            for k in ("n_tokens", "n_layers") if getattr(config, k) != getattr(saved, k)]
-    if diff:
-        raise ValueError(f"LLaMA-Adapter config mismatch with {path}: " + "; ".join(diff))
+    checkpoint.require_same(get_config(model), saved, ("n_tokens", "n_layers"), path, "LLaMA-Adapter")
     load_adapter_state_dict(model, tensors)
     return model

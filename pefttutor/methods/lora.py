@@ -160,10 +160,9 @@ def apply(
 
 def get_config(model: nn.Module) -> LoRAConfig:
     """The model's LoRAConfig; ValueError if LoRA was never applied."""
-    config = getattr(model, "lora_config", None)
-    if not isinstance(config, LoRAConfig):
-        raise ValueError("this model has no LoRA: call lora.apply(model, targets) first")
-    return config
+    return checkpoint.attached_config(
+        model, "lora_config", LoRAConfig, "this model has no LoRA: call lora.apply(model, targets) first"
+    )
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -224,14 +223,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     LoRA, r, alpha and rslora must equal the saved ones (dropout may differ: it only acts in
     training). Keys and shapes are checked strictly (`load_adapter_state_dict`).
     """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LoRA")
-    saved = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LoRA", LoRAConfig)
     if not hasattr(model, "lora_config"):
         apply(model, **asdict(saved))
-    config = get_config(model)
-    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
-            for k in ("r", "alpha", "rslora") if getattr(config, k) != getattr(saved, k)]
-    if diff:
-        raise ValueError(f"LoRA config mismatch with {path}: " + "; ".join(diff))
+    checkpoint.require_same(get_config(model), saved, ("r", "alpha", "rslora"), path, "LoRA")
     load_adapter_state_dict(model, tensors)
     return model

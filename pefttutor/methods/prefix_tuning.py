@@ -68,6 +68,7 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(n_tokens, width))  # P_theta: N(0, 1) as in peft
+        self._layers: tuple[torch.Tensor, ...] | None = None  # P_theta split per layer during one model forward
 
     @property
     def reparam(self) -> bool:
@@ -79,21 +80,33 @@ class PrefixEncoder(nn.Module):
             return self.prompt_embeddings
         return self.transform(self.embedding.weight)
 
+    def split(self) -> tuple[torch.Tensor, ...]:
+        """P_theta split into the L layers' (P, 2 * kv_dim) blocks (views of one computation)."""
+        return self().split(2 * self.kv_dim, dim=1)
+
     def layer(self, i: int) -> torch.Tensor:
         """Layer i's keys then values, (P, 2 * kv_dim): columns [i * 2 kv_dim, (i+1) * 2 kv_dim) of P_theta.
 
-        With the MLP, only that slice of the last Linear is computed (the same numbers as slicing
-        `forward()`, without computing all L layers' prefixes in every layer).
+        Inside a model forward, P_theta was computed and split once by the model's forward pre-hook
+        (`_compute_prefix`) and every layer takes its block. One split matters for speed: its
+        backward is one concatenation, while L separate slices (of P_theta, or of the MLP's last
+        Linear) would each write a zero-filled gradient of the whole tensor, L times per step.
         """
-        cols = slice(i * 2 * self.kv_dim, (i + 1) * 2 * self.kv_dim)
-        if not self.reparam:
-            return self.prompt_embeddings[:, cols]
-        first, tanh, last = self.transform
-        h = tanh(first(self.embedding.weight))  # (P, hidden)
-        return nn.functional.linear(h, last.weight[cols], last.bias[cols])  # (P, 2 kv_dim)
+        return (self._layers if self._layers is not None else self.split())[i]
 
     def extra_repr(self) -> str:
         return f"P={self.n_tokens}, layers={self.n_layers}, kv_dim={self.kv_dim}, reparam={self.reparam}"
+
+
+def _compute_prefix(model: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of the model: compute P_theta once for all layers of this forward."""
+    encoder = getattr(model, ENCODER)
+    encoder._layers = encoder.split()
+
+
+def _release_prefix(model: nn.Module, args, kwargs, output) -> None:
+    """Forward hook of the model: drop the blocks (their autograd graph lives on in the output's)."""
+    getattr(model, ENCODER)._layers = None
 
 
 class LayerPrefix:
@@ -137,9 +150,10 @@ def apply(
 ) -> nn.Module:
     """Give every attention layer a trainable prefix of `n_tokens` keys and values; freeze the rest.
 
-    One `PrefixEncoder` at `model.prefix_encoder` produces every layer's prefix; each layer's
-    `attn.prefix` hook reads its slice. Modules named in `train` (e.g. "classifier") stay fully
-    trainable. Bad sizes, unknown `train` names and applying twice raise ValueError.
+    One `PrefixEncoder` at `model.prefix_encoder` produces every layer's prefix, once per model
+    forward (a forward pre-hook on the model); each layer's `attn.prefix` hook reads its block.
+    Modules named in `train` (e.g. "classifier") stay fully trainable. Bad sizes, unknown `train`
+    names and applying twice raise ValueError.
     Returns the model (changed in place), with the settings recorded as `model.prefix_config`.
     """
     layers = attention_layers(model)
@@ -162,6 +176,8 @@ def apply(
     setattr(model, ENCODER, encoder.to(device=p.device, dtype=p.dtype))
     for i, attn in enumerate(layers):
         attn.prefix = LayerPrefix(encoder, i, _kv_heads(attn), attn.hd)
+    model.register_forward_pre_hook(_compute_prefix, with_kwargs=True)
+    model.register_forward_hook(_release_prefix, with_kwargs=True)
     params.unfreeze(model, config.train)
     model.prefix_config = config
     return model
@@ -169,10 +185,10 @@ def apply(
 
 def get_config(model: nn.Module) -> PrefixConfig:
     """The model's PrefixConfig; ValueError if prefix tuning was never applied."""
-    config = getattr(model, "prefix_config", None)
-    if not isinstance(config, PrefixConfig):
-        raise ValueError("this model has no prefix: call prefix_tuning.apply(model, n_tokens) first")
-    return config
+    return checkpoint.attached_config(
+        model, "prefix_config", PrefixConfig, "this model has no prefix:"
+        " call prefix_tuning.apply(model, n_tokens) first"
+    )
 
 
 def prefix_encoder(model: nn.Module) -> PrefixEncoder:
@@ -186,8 +202,9 @@ def drop_reparam(model: nn.Module) -> nn.Module:
     """Replace the MLP by the prefix it computes: P_theta = MLP(P'_theta), once, as a plain Parameter.
 
     The paper keeps only P_theta after training ("these reparametrization parameters can be
-    dropped, and only the prefix needs to be saved"); outputs do not change, and the trainable count falls to P * L * 2 * kv_dim. The
-    config becomes reparam=False (saving now writes only P_theta). A no-op without the MLP.
+    dropped, and only the prefix needs to be saved"); outputs do not change, and the trainable
+    count falls to P * L * 2 * kv_dim. The config becomes reparam=False (saving now writes only
+    P_theta). A no-op without the MLP.
     """
     config, encoder = get_config(model), prefix_encoder(model)
     if encoder.reparam:
@@ -225,15 +242,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     that has one, n_tokens, reparam and (with the MLP) hidden must equal the saved ones. Keys and
     shapes are checked strictly.
     """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "prefix tuning")
-    saved = PrefixConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "prefix tuning", PrefixConfig)
     if not hasattr(model, "prefix_config"):
         apply(model, **asdict(saved))
-    config = get_config(model)
-    keys = ("n_tokens", "reparam", "hidden") if saved.reparam else ("n_tokens", "reparam")
-    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
-            for k in keys if getattr(config, k) != getattr(saved, k)]
-    if diff:
-        raise ValueError(f"prefix config mismatch with {path}: " + "; ".join(diff))
+    names = ("n_tokens", "reparam", "hidden") if saved.reparam else ("n_tokens", "reparam")
+    checkpoint.require_same(get_config(model), saved, names, path, "prefix")
     load_adapter_state_dict(model, tensors)
     return model

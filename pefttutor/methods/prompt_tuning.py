@@ -152,10 +152,10 @@ def apply(
 
 def get_config(model: nn.Module) -> PromptTuningConfig:
     """The model's PromptTuningConfig; ValueError if prompt tuning was never applied."""
-    config = getattr(model, "prompt_tuning_config", None)
-    if not isinstance(config, PromptTuningConfig):
-        raise ValueError("this model has no soft prompt: call prompt_tuning.apply(model, n_tokens) first")
-    return config
+    return checkpoint.attached_config(
+        model, "prompt_tuning_config", PromptTuningConfig, "this model has no soft prompt:"
+        " call prompt_tuning.apply(model, n_tokens) first"
+    )
 
 
 def soft_prompt(model: nn.Module) -> SoftPrompt:
@@ -204,17 +204,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     needed: the file holds the trained values). On a model that has one, n_tokens must equal the
     saved one. Keys and shapes are checked strictly.
     """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "prompt tuning")
-    saved = PromptTuningConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    saved, tensors = checkpoint.read(path, _METADATA_KEY, "prompt tuning", PromptTuningConfig)
     if not hasattr(model, "prompt_tuning_config"):
         model_host = host(model)
         if getattr(model_host, HOOK) is not None:
             raise ValueError("this model's soft_prompt hook is taken by something else than prompt tuning")
         E = model_host.get_input_embeddings().weight  # (vocab, d): placeholder values, overwritten below
         _attach(model, saved, E.new_zeros(saved.n_tokens, E.shape[1]))
-    config = get_config(model)
-    if config.n_tokens != saved.n_tokens:
-        raise ValueError(f"prompt tuning config mismatch with {path}: n_tokens: model {config.n_tokens}, "
-                         f"file {saved.n_tokens}")
+    checkpoint.require_same(get_config(model), saved, ("n_tokens",), path, "prompt tuning")
     load_adapter_state_dict(model, tensors)
     return model
