@@ -50,7 +50,7 @@ from torch import nn  # noqa: E402
 
 from pefttutor import config as pt_config  # noqa: E402
 from pefttutor.models import Bert, BertClassifier, Llama, mean_pool  # noqa: E402
-from pefttutor.train import causal_lm_loss, classification_loss  # noqa: E402
+from pefttutor.train import causal_lm_loss, classification_loss, release_freed_memory  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, as peft calls them
 
@@ -340,21 +340,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> dict[str, list[float]]:
-    """Seconds per call of each fn: `warmup` untimed calls each, then `repeats` timed rounds in
-    which every fn runs once, the order reversed every other round (A B, B A, ...)."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device,
+                min_seconds: float = 0.0, max_repeats: int = 50) -> dict[str, list[float]]:
+    """Seconds per call of each fn: `warmup` untimed calls each, then timed rounds in which every fn
+    runs once, the order reversed every other round (A B, B A, ...): `repeats` rounds, and more
+    (up to `max_repeats`) until the rounds took `min_seconds`, so that fast calls get enough samples."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()  # as timeit does: a collection pause would land on whichever call happens to run then
+    start, r = time.perf_counter(), 0
+    try:
+        while r < repeats or (time.perf_counter() - start < min_seconds and r < max_repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+            r += 1
+    finally:
+        gc.enable()
     return times
 
 
@@ -468,6 +477,7 @@ class Settings:
     latency_seq_len: int = 64
     repeats: int = 7
     warmup: int = 2
+    latency_seconds: float = 30.0  # latency rounds continue (up to 50) until they took this long
     scaling_model: str = "smollm2"
     scaling_batch: int = 1  # both scaling tables; the rank table at seq_len tokens
     scaling_seqs: tuple[int, ...] = (64, 128, 256, 512)
@@ -480,7 +490,7 @@ class Settings:
     weights: str = "real"  # real | random | tiny
 
 
-QUICK = dict(batch=2, seq_len=32, latency_batches=(1, 4), latency_seq_len=32, repeats=3, warmup=1,
+QUICK = dict(batch=2, seq_len=32, latency_batches=(1, 4), latency_seq_len=32, repeats=3, warmup=1, latency_seconds=0.0,
              scaling_seqs=(32, 64),
              scaling_ranks=(1, 8), scaling_repeats=3)
 
@@ -514,7 +524,7 @@ def bench_train(kit: Kit, s: Settings, device, records: list[Record], missing: s
         log(f"  train {kit.name:8} {key:14} " + "  ".join(
             f"{impl} {statistics.median(times[impl]):.3f}s" for impl in IMPLS))
         del trainers
-        gc.collect()
+        release_freed_memory()  # the next method starts from a process that holds no freed pages
 
 
 def bench_latency(kit: Kit, s: Settings, device, records: list[Record], missing: set[str]) -> None:
@@ -534,7 +544,7 @@ def bench_latency(kit: Kit, s: Settings, device, records: list[Record], missing:
             batch = kit.batch(B, s.latency_seq_len, device)
             fns = {(impl, "base"): _forward(bases[impl], batch) for impl in impls}
             fns.update({name: _forward(model, batch) for name, model in models.items()})
-            times = interleaved(fns, s.repeats, s.warmup, device)
+            times = interleaved(fns, s.repeats, s.warmup, device, min_seconds=s.latency_seconds)
             T = s.latency_seq_len
             for (impl, key), t in times.items():
                 if key == "base":
@@ -711,7 +721,7 @@ def render(result: dict) -> str:
                       "tiny": "tiny random models (a test run: the numbers mean nothing)"}[s.get("weights", "real")]
         + f". Settings: training batch {s['batch']} x {s['seq_len']} tokens, {s['warmup']} warm-up steps then"
         f" {s['repeats']} timed steps per implementation, interleaved run by run (order reversed every other"
-        " round); fp32; random token ids, no padding (attention mask of ones), AdamW. Times are medians"
+        " round, Python's garbage collector paused while timing); fp32; random token ids, no padding (attention mask of ones), AdamW. Times are medians"
         " (min–max) in milliseconds; ratios are pefttutor / peft (below 1.00x: pefttutor is faster/smaller).",
         "",
     ]
@@ -759,7 +769,9 @@ def render(result: dict) -> str:
             f"{s['latency_seq_len']} tokens per sequence. \"vs base\" is the variant's time over its own"
             " implementation's base model, paired by round (a round runs the base models and each variant of its group once, in"
             " alternating order): median (min–max) of the per-round ratios."
-            " peft's merged LoRA is `merge_and_unload()` (a plain transformers model again); pefttutor's"
+            + (f" At least {s['repeats']} rounds, and more (up to 50) until a group's rounds at one batch size took"
+               f" {s['latency_seconds']:g} s, so the fast rows get enough samples." if s.get("latency_seconds") else "")
+            + " peft's merged LoRA is `merge_and_unload()` (a plain transformers model again); pefttutor's"
             " `lora.merge` keeps the LoRA layers (to `unmerge` later) and runs only W0 + BA folded.",
             "",
             "| model | variant | batch | ms, pefttutor | ms, peft | ratio (median / min) |"
@@ -867,6 +879,13 @@ def _targets(result: dict, idx: dict) -> list[str]:
                      f" {len(merged)} rows: " + ", ".join(
                          f"{r['model']} {r['method'].removesuffix('_merged')} B={r['batch']} {r['median']:.3f}"
                          for r in merged) + ".")
+        for r in (r for r in merged if r["median"] > 1.03):
+            fastest = (idx[("latency", "pefttutor", r["model"], r["method"], r["batch"], r["seq_len"], "latency_ms")]["min"]
+                       / idx[("latency", "pefttutor", r["model"], "base", r["batch"], r["seq_len"], "latency_ms")]["min"])
+            lines.append(f"  - {r['model']} {r['method'].removesuffix('_merged')} B={r['batch']} is over: its fastest"
+                         f" run is {fastest:.3f}x the base model's fastest"
+                         + (" (noise: merged, the layer runs the base model's own matrix product with W0 + s B A"
+                            " folded in, plus one Python call per LoRA layer)." if fastest <= 1.03 else "."))
     unmerged = [r for r in recs if r["section"] == "latency" and r["metric"] == "latency_vs_base"
                 and r["method"] in ("lora_qv", "lora_all") and r["impl"] == "pefttutor"]
     if unmerged:

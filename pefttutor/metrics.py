@@ -5,11 +5,14 @@
 * Generation: `bleu` (corpus BLEU from `sacrebleu`, multi-reference) and `rouge_l` (ROUGE-L F1 from
   Google's `rouge-score`, best reference per hypothesis). Both on a 0-100 scale, like the E2E NLG
   Challenge reports them.
+* Uncertainty: `bootstrap_se`, the standard error of any of them over the test items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+import statistics
+from collections.abc import Callable, Sequence
 
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -84,3 +87,22 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]], use_
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
     total = sum(scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references))
     return 100.0 * total / len(hypotheses)
+
+
+def bootstrap_se(metric: Callable[[Sequence, Sequence], float], predictions: Sequence, gold: Sequence,
+                 n_resamples: int = 200, seed: int = 0) -> float:
+    """The bootstrap standard error of `metric(predictions, gold)` over the test items.
+
+    Resamples the items with replacement `n_resamples` times (seeded) and returns the standard
+    deviation of the metric: how much the score would move on another test set of the same size
+    from the same distribution. Works for corpus-level metrics such as BLEU, where a per-item
+    formula does not exist (Koehn 2004, "Statistical significance tests for machine translation
+    evaluation").
+    """
+    _check_lengths(predictions, gold, "bootstrap_se")
+    rng, n = random.Random(seed), len(predictions)
+    scores = []
+    for _ in range(n_resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        scores.append(metric([predictions[i] for i in idx], [gold[i] for i in idx]))
+    return statistics.stdev(scores)

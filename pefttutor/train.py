@@ -67,7 +67,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Return memory the process has freed to the OS, so RSS growth counts new allocations (glibc only)."""
     gc.collect()
     try:
@@ -96,7 +96,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            _release_freed_memory()
+            release_freed_memory()
             self._proc = psutil.Process()
             self._start = self._peak = self._proc.memory_info().rss
             self._stop = threading.Event()

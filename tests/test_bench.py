@@ -124,3 +124,17 @@ def test_both_implementations_compute_the_same_loss(bench, name):
     batch = kit.batch(2, 8, torch.device("cpu"))
     losses = [kit.loss(kit.task(kit.fresh(impl), impl).eval(), batch, impl) for impl in bench.IMPLS]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
+
+
+def test_interleaved_rounds_order_and_time_budget(bench):
+    """Rounds alternate the order; fast calls get extra rounds up to the time budget; gc is back on."""
+    import gc
+    import time
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.002))}
+    times = bench.interleaved(fns, repeats=3, warmup=1, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"] and len(times["a"]) == 3
+    more = bench.interleaved(fns, repeats=3, warmup=0, device=torch.device("cpu"), min_seconds=0.05, max_repeats=40)
+    assert 3 < len(more["a"]) == len(more["b"]) <= 40
+    assert gc.isenabled()

@@ -9,7 +9,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score
 
-from pefttutor.metrics import accuracy, bleu, macro_f1, per_class_f1, rouge_l
+from pefttutor.metrics import accuracy, bleu, bootstrap_se, macro_f1, per_class_f1, rouge_l
 
 
 def test_accuracy_by_hand():
@@ -72,3 +72,17 @@ def test_rouge_l_best_reference_by_hand():
     # "it is inexpensive" (LCS 2, F=2/3) and "prices are low" (F=0)
     assert rouge_l(["it is cheap"], [REFS[2]]) == pytest.approx(75.0)
     assert rouge_l(["The cat, sat."], [["the cat sat"]]) == pytest.approx(100.0)  # lowercased, punctuation dropped
+
+
+def test_bootstrap_se_of_a_mean_matches_the_formula():
+    """For accuracy (a mean of 0/1 items) the bootstrap se approaches sqrt(p (1 - p) / n)."""
+    rng = random.Random(1)
+    labels = [rng.randrange(2) for _ in range(400)]
+    preds = [y if rng.random() < 0.7 else 1 - y for y in labels]
+    p = accuracy(preds, labels)
+    formula = (p * (1 - p) / len(labels)) ** 0.5
+    assert bootstrap_se(accuracy, preds, labels, n_resamples=1000) == pytest.approx(formula, rel=0.1)
+    assert bootstrap_se(accuracy, labels, labels) == 0.0  # every resample scores 1.0
+    assert bootstrap_se(bleu, HYPS, REFS, seed=3) == bootstrap_se(bleu, HYPS, REFS, seed=3) > 0  # seeded
+    with pytest.raises(ValueError):
+        bootstrap_se(bleu, HYPS, REFS[:2])
