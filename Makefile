@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test execute figures site bench bench-quick data clean
+.PHONY: setup lab test execute figures site study bench bench-quick data clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,11 @@ figures: $(STAMP)
 # The executed notebooks as a static HTML site in docs/ (open docs/index.html).
 site: $(STAMP)
 	$(PY) -m pefttutor.publish site --out docs
+
+# The study: every method to convergence under one protocol, one JSON per run in results/ (resumable:
+# finished runs are skipped). STUDY_ARGS passes options, e.g. STUDY_ARGS="--list" or "--only lora".
+study: $(STAMP)
+	$(PY) -m pefttutor.study $(STUDY_ARGS)
 
 # pefttutor against transformers + peft, side by side in one process: training step time, peak
 # memory, latency (benchmarks/results.json and RESULTS.md; about 25 minutes on 2 busy CPU cores).

@@ -71,9 +71,10 @@ class LMTask(nn.Module):
         super().__init__()
         self.model, self.hf = model, hf
 
-    def forward(self, input_ids, attention_mask):  # (B, T), (B, T)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return (out.logits if self.hf else out)[:, -input_ids.shape[1]:]
+    def forward(self, input_ids, attention_mask, logits_at=None):  # (B, T), (B, T), bool (B, T) for ours
+        if not self.hf:  # ours returns the real tokens' logits only; causal_lm_loss passes logits_at
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_at=logits_at)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -input_ids.shape[1]:]
 
 
 class HFBertClassifier(nn.Module):

@@ -114,8 +114,8 @@ def test_losses_match_definitions():
             super().__init__()
             self.logits = logits
 
-        def forward(self, input_ids, attention_mask):
-            return self.logits
+        def forward(self, input_ids, attention_mask, logits_at=None):
+            return self.logits if logits_at is None else self.logits[logits_at]
 
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[-100, -100, 3, 1], [-100, 2, -100, -100]])
@@ -153,3 +153,73 @@ def test_progress_bar_honours_tqdm_disable_even_in_notebooks(monkeypatch, env, p
     torch.manual_seed(0)
     train.train(Net(), toy_data(), loss_fn, steps=2, progress=progress, device="cpu")
     assert seen == [silent]
+
+
+def test_causal_lm_loss_scores_only_labelled_positions_of_a_real_llama():
+    """logits_at: the loss and every gradient equal scoring all positions and ignoring the -100s."""
+    from tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(5, model.config.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss = train.causal_lm_loss(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    full = nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).flatten(0, 1), shifted.flatten())
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    assert torch.allclose(loss, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, full_grads))
+    n = int((shifted != -100).sum())
+    assert model(input_ids=ids, attention_mask=mask, logits_at=shifted != -100).shape == (n, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_autocast_trains_and_keeps_weights_fp32(autocast):
+    torch.manual_seed(0)
+    model = Net()
+    data = toy_data()
+    result = train.train(model, data, loss_fn, steps=40, lr=1e-1, progress=False, device="cpu", autocast=autocast,
+                         evaluate=accuracy(model, data))
+    assert result.metrics["accuracy"] > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_autocast_inside_the_loss_is_bf16():
+    seen = []
+
+    def probe(model, batch):
+        out = model(batch["x"])
+        seen.append(out.dtype)
+        return nn.functional.cross_entropy(out.float(), batch["labels"])
+
+    train.train(Net(), toy_data(), probe, steps=1, progress=False, device="cpu", autocast="bf16")
+    train.train(Net(), toy_data(), probe, steps=1, progress=False, device="cpu")
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_unknown_autocast_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="bf16"):
+        train.train(Net(), toy_data(), loss_fn, steps=1, progress=False, device="cpu", autocast="fp8")
+
+
+def test_should_stop_ends_training_after_an_evaluation():
+    torch.manual_seed(0)
+    model = Net()
+    data = toy_data()
+    asked = []
+
+    def stop(curve):
+        asked.append(len(curve))
+        return len(curve) == 2
+
+    result = train.train(model, data, loss_fn, steps=100, lr=1e-1, evaluate=accuracy(model, data), eval_every=10,
+                         should_stop=stop, progress=False, device="cpu")
+    assert asked == [1, 2]
+    assert result.steps == 20 and len(result.loss_curve) == 20
+    assert [s for s, _ in result.eval_curve] == [10, 20]  # no extra final evaluation
+    assert result.metrics == result.eval_curve[-1][1]

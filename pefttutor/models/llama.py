@@ -243,8 +243,15 @@ class Llama(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, d) instead of input_ids (soft prompts)
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        logits_at: torch.Tensor | None = None,  # bool (B, T): score only these positions
     ):
-        """Logits (B, T, vocab); with use_cache, (logits, cache) where cache covers past + T."""
+        """Logits (B, T, vocab); with use_cache, (logits, cache) where cache covers past + T.
+
+        With `logits_at`, only the selected positions go through the norm and the LM head, and the
+        logits come back as (N, vocab), N = logits_at.sum(), in row-major order. Training needs
+        scores only where a label is (the target tokens), and the head (d x vocab) is the model's
+        largest matrix product per token, so this saves its compute and the (B, T, vocab) logits.
+        """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         x, attention_mask, P = self._prepend_soft_prompt(x, attention_mask, past)
@@ -258,7 +265,9 @@ class Llama(nn.Module):
             cache.append(kv)
         if P and past == 0:
             x = x[:, P:]  # drop the virtual tokens' states: (B, T_real, d)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, d)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab), or (N, vocab)
         return (logits, cache) if use_cache else logits
 
     @torch.no_grad()

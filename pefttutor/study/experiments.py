@@ -1,0 +1,82 @@
+"""The study's experiments, as configs: every run is one dict (task, method spec, learning rate,
+seed, budget, autocast), and its id names the JSON file it writes under `results/`.
+
+Per task and method, in this order:
+* `sweep`: the learning-rate grid (MiniLM; C for the logistic regression), seed 0, 1 epoch, the
+  protocol's validation schedule. The best validation metric picks the rate for the final runs.
+* `final`: the chosen rate (resolved by the runner from the sweep's results), full budget with
+  early stopping, one run per seed.
+* `fp32`: LoRA and full finetuning again without bf16 autocast (seed 0 and 1): the accuracy check
+  for autocast as the study's default.
+SmolLM2 runs use the learning rates of the method notebooks (no sweep: a run costs 10-30 minutes
+on a laptop CPU), seed 0 first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEEDS = (0, 1, 2)
+AUTOCAST = "bf16"  # the study's default; the `fp32` group measures what it changes
+BERT_ALL_LINEAR = ["query", "key", "value", "output.dense", "intermediate.dense"]
+
+# name -> (spec, learning-rate grid); in the order the study runs them (the headline comparison first)
+TWEET_METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
+    "full": ({"method": "full"}, [3e-5, 1e-4, 3e-4]),
+    "lora-qv": ({"method": "lora", "targets": ["query", "value"], "r": 8, "alpha": 16}, [1e-3, 3e-3, 1e-2]),
+    "head": ({"method": "head"}, [3e-3, 1e-2, 3e-2]),
+    "features": ({"method": "features"}, [0.1, 1.0, 10.0]),  # the grid is the regularisation C
+    "lora-all": ({"method": "lora", "targets": BERT_ALL_LINEAR, "r": 8, "alpha": 16}, [1e-3, 3e-3, 1e-2]),
+    "houlsby": ({"method": "adapters", "size": 32, "placement": "houlsby"}, [1e-3, 3e-3, 1e-2]),
+    "pfeiffer": ({"method": "adapters", "size": 32, "placement": "pfeiffer"}, [1e-3, 3e-3, 1e-2]),
+    "parallel": ({"method": "adapters", "size": 32, "placement": "parallel"}, [1e-3, 3e-3, 1e-2]),
+    "prefix-mlp": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": True}, [1e-3, 3e-3, 1e-2]),
+    "prefix": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": False}, [1e-3, 3e-3, 1e-2]),
+    "soft-prompt": ({"method": "prompt_tuning", "n_tokens": 20}, [1e-2, 3e-2, 1e-1]),
+}
+
+# name -> (spec, learning rate from the method notebooks)
+RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
+    "lora": ({"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 8, "alpha": 16}, 2e-3),
+    "full": ({"method": "full"}, 5e-5),
+    "llama-adapter": ({"method": "llama_adapter", "n_tokens": 10}, 1e-2),
+    "houlsby": ({"method": "adapters", "size": 32, "placement": "houlsby"}, 2e-3),
+    "prefix-mlp": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": True}, 3e-3),
+    "soft-prompt": ({"method": "prompt_tuning", "n_tokens": 20}, 3e-2),
+}
+
+
+def _id(task: str, group: str, name: str, seed: int, lr: float | None = None) -> str:
+    return f"{task}/{group}/{name}" + (f"_lr{lr:.0e}" if lr is not None else "") + f"_s{seed}"
+
+
+def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
+    """Every experiment of the study, in run order. A final run's `lr` is `"sweep"`: the runner
+    replaces it with the sweep's best before running (and records where it came from)."""
+    out: list[dict[str, Any]] = []
+    task = "minilm-tweets"
+    first, rest = seeds[:1], seeds[1:]
+    for stage_seeds in (first, rest):
+        for name, (spec, grid) in TWEET_METHODS.items():
+            if stage_seeds is first:
+                out += [{"id": _id(task, "sweep", name, 0, lr), "task": task, "group": "sweep", "name": name,
+                         "spec": spec, "lr": lr, "seed": 0, "epochs": 1, "autocast": AUTOCAST} for lr in grid]
+            if name == "features" and stage_seeds is rest:
+                continue  # deterministic (lbfgs on fixed embeddings): one seed says it all
+            out += [{"id": _id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
+                     "lr": "sweep", "seed": s, "epochs": None, "autocast": AUTOCAST} for s in stage_seeds]
+    for name in ("full", "lora-qv"):
+        out += [{"id": _id(task, "fp32", name, s), "task": task, "group": "fp32", "name": name,
+                 "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": None, "autocast": None}
+                for s in seeds[:2]]
+    task = "smollm2-restaurants"
+    for stage_seeds in (first, rest):
+        for name, (spec, lr) in RESTAURANT_METHODS.items():
+            out += [{"id": _id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
+                     "lr": lr, "seed": s, "epochs": None, "autocast": AUTOCAST} for s in stage_seeds]
+    return out
+
+
+def sweep_of(exp: dict[str, Any], all_experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep runs whose best learning rate a final run uses."""
+    return [e for e in all_experiments if e["task"] == exp["task"] and e["group"] == "sweep" and e["name"] == exp["name"]]

@@ -1,0 +1,305 @@
+"""Run the study's experiments: each one trains a fresh model under its task's protocol and writes
+one JSON file under the results folder. Idempotent (a finished run with the same config is
+skipped), resumable (files are written atomically when a run ends, so an interrupted study starts
+again at the first run without a result, and a half-written file is never read), device-agnostic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .. import compare, config, data, protocol, train
+from ..models.bert import mean_pool
+from . import experiments, methods
+
+_TASKS: dict[tuple[str, str], Any] = {}  # (task, device) -> protocol object: models load once per process
+
+
+def results_dir() -> Path:
+    """`results/` in the checkout for full mode; a scratch folder in the cache for fast mode."""
+    return config.cache_dir() / "study-fast" if config.is_fast() else config.repo_root() / "results"
+
+
+def path_of(exp_id: str, folder: Path) -> Path:
+    return folder / f"{exp_id}.json"
+
+
+def read(exp_id: str, folder: Path) -> dict[str, Any] | None:
+    """A finished run's record, or None. Only whole files exist (see `write`)."""
+    path = path_of(exp_id, folder)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write(record: dict[str, Any], folder: Path) -> Path:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path = path_of(record["config"]["id"], folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(f.name, path)
+    return path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=config.repo_root(), capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run was made."""
+    import transformers
+
+    dirty = _git("status", "--porcelain", "--", "pefttutor") not in ("", "unknown")
+    return {
+        "git_commit": _git("rev-parse", "HEAD") + ("+uncommitted" if dirty else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "dtype": "float32",
+        "mode": "fast" if config.is_fast() else "full",
+    }
+
+
+def get_task(name: str, device: torch.device):
+    key = (name, str(device))
+    if key not in _TASKS:
+        _TASKS[key] = protocol.task(name, device)
+    return _TASKS[key]
+
+
+def resolve(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """The experiment with `lr: "sweep"` replaced by the sweep's best rate (and where it came from).
+    Raises LookupError while a sweep run has no result yet."""
+    if exp["lr"] != "sweep":
+        return exp
+    sweep = experiments.sweep_of(exp, all_experiments)
+    records = [read(e["id"], folder) for e in sweep]
+    missing = [e["id"] for e, r in zip(sweep, records) if r is None]
+    if missing or not sweep:
+        raise LookupError(f"{exp['id']} needs its learning-rate sweep first: {missing or 'no sweep defined'}")
+    key, mode = records[0]["metric"], records[0]["mode"]
+    best = records[0]
+    for r in records[1:]:
+        if protocol.improved(r["best"]["validation"][key], best["best"]["validation"][key], mode):
+            best = r
+    return {**exp, "lr": best["config"]["lr"], "lr_from": [e["id"] for e in sweep]}
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _stored(model: nn.Module, spec: dict[str, Any]) -> tuple[int, int]:
+    """(bytes, parameters) of what the task stores for this method (see `methods.save`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "adapter.safetensors"
+        methods.save(model, spec, path)
+        with safe_open(path, "pt") as f:
+            n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return path.stat().st_size, n
+
+
+def _train_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, Any]:
+    spec, autocast = exp["spec"], exp["autocast"]
+    budget = task.budget(exp["epochs"])
+    model = methods.build(task.new_model(exp["seed"]), spec).to(device)
+    best: dict[str, Any] = {}
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        with train.autocast_context(device, autocast):  # selection only; the test runs in fp32
+            scores = task.validate(m)
+        value = scores[task.metric]
+        if not best or protocol.improved(value, best["value"], task.mode):
+            best.update(value=value, state=_trainable_state(m), validation=scores)
+        return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+    stop = lambda curve: protocol.plateaued(curve, task.metric, task.mode, budget.patience)  # noqa: E731
+    r = train.train(model, task.train_batches(exp["seed"]), task.loss, steps=budget.max_steps, lr=exp["lr"],
+                    warmup=budget.warmup, evaluate=validate, eval_every=budget.eval_every, seed=exp["seed"],
+                    device=device, progress=False, autocast=autocast, should_stop=stop)
+    best_step = next(s for s, m in r.eval_curve if m[task.metric] == best["value"])  # the first: strict improvement
+    test_end = task.evaluate(model, "test")
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k in best["state"]:
+                p.copy_(best["state"][k])
+    test_best = task.evaluate(model, "test")
+    methods.for_inference(model, spec)
+    file_bytes, stored = _stored(model, spec)
+    return {
+        "steps": r.steps, "max_steps": budget.max_steps, "eval_every": budget.eval_every, "patience": budget.patience,
+        "stopped": "plateau" if r.steps < budget.max_steps else "cap",
+        "loss_curve": [round(x, 5) for x in r.loss_curve],
+        "validation_curve": [[s, m] for s, m in r.eval_curve],
+        "best": {"step": best_step, "validation": best["validation"], "test": test_best},
+        "end": {"step": r.steps, "validation": r.eval_curve[-1][1], "test": test_end},
+        "cost": {"wall_time_s": r.wall_time_s, "median_step_s": r.median_step_s, "peak_memory_mb": r.peak_memory_mb,
+                 "trainable_params": r.trainable_params, "total_params": r.total_params,
+                 "stored_params": stored, "file_bytes": file_bytes,
+                 "latency_ms": compare.latency_ms(model, task.latency_batch())["median"]},
+    }
+
+
+@torch.no_grad()
+def _embed(task, split: str) -> np.ndarray:
+    examples = task.train_set if split == "train" else task.splits[split]
+    out = []
+    for b in data.classification_batches(examples, task.tokenizer, task.eval_batch_size, task.max_length):
+        b = {k: v.to(task.device) for k, v in b.items()}
+        out.append(mean_pool(task.encoder(b["input_ids"], b["attention_mask"]), b["attention_mask"]).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def _features_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, Any]:
+    """The feature-based approach: a logistic regression (inverse regularisation C = exp["lr"]) on
+    frozen mean-pooled MiniLM embeddings, fitted to convergence on every training tweet."""
+    from sklearn.linear_model import LogisticRegression
+
+    from .. import metrics
+
+    start = time.perf_counter()
+    X, y = _embed(task, "train"), [ex["label"] for ex in task.train_set]
+    clf = LogisticRegression(C=exp["lr"], max_iter=5000, random_state=exp["seed"]).fit(X, y)
+    scores = {}
+    for split in task.splits:
+        preds, gold = clf.predict(_embed(task, split)).tolist(), [ex["label"] for ex in task.splits[split]]
+        acc = metrics.accuracy(preds, gold)
+        scores[split] = {"accuracy": acc, "macro_f1": metrics.macro_f1(preds, gold, classes=range(len(data.LABELS))),
+                         "n": len(gold), "accuracy_se": math.sqrt(acc * (1 - acc) / len(gold))}
+    n = clf.coef_.size + clf.intercept_.size
+    return {
+        "steps": int(np.max(clf.n_iter_)), "max_steps": 5000, "stopped": "converged", "loss_curve": [],
+        "validation_curve": [], "best": {"step": None, "validation": scores["validation"], "test": scores["test"]},
+        "end": {"step": None, "validation": scores["validation"], "test": scores["test"]},
+        "cost": {"wall_time_s": time.perf_counter() - start, "median_step_s": None, "peak_memory_mb": None,
+                 "trainable_params": n, "total_params": n + sum(p.numel() for p in task.encoder.parameters()),
+                 "stored_params": n, "file_bytes": 4 * n,
+                 "latency_ms": compare.latency_ms(task.encoder, task.latency_batch())["median"]},
+    }
+
+
+def run_one(exp: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Run one resolved experiment; return its record (config, results, provenance)."""
+    task = get_task(exp["task"], device)
+    start = time.perf_counter()
+    run = _features_run if exp["spec"]["method"] == "features" else _train_run
+    result = run(exp, task, device)
+    return {"config": exp, "metric": task.metric, "mode": task.mode, **result,
+            "total_time_s": time.perf_counter() - start, "provenance": provenance(device)}
+
+
+def select(all_experiments: list[dict[str, Any]], only: str | None, seeds: tuple[int, ...] | None) -> list[dict[str, Any]]:
+    """Filter by id (`only`: a glob, or a substring when it has no * ? [) and by seed of final runs."""
+    out = all_experiments
+    if only:
+        pattern = only if any(c in only for c in "*?[") else f"*{only}*"
+        out = [e for e in out if fnmatch.fnmatch(e["id"], pattern)]
+    if seeds is not None:
+        out = [e for e in out if e["group"] == "sweep" or e["seed"] in seeds]
+    return out
+
+
+def status(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: Path) -> str:
+    """"done", "stale" (a result from another config: rerun), "waiting" (sweep unfinished) or "todo"."""
+    try:
+        resolved = resolve(exp, all_experiments, folder)
+    except LookupError:
+        return "waiting"
+    record = read(exp["id"], folder)
+    if record is None:
+        return "todo"
+    return "done" if record["config"] == resolved else "stale"
+
+
+def run_study(chosen: list[dict[str, Any]], all_experiments: list[dict[str, Any]], folder: Path,
+              device: torch.device, log: Callable[[str], None] = print,
+              after_each: Callable[[], None] | None = None) -> dict[str, int]:
+    """Run every chosen experiment that has no up-to-date result; return counts by outcome."""
+    counts = {"ran": 0, "skipped": 0, "waiting": 0}
+    for i, exp in enumerate(chosen, 1):
+        state = status(exp, all_experiments, folder)
+        if state == "done":
+            counts["skipped"] += 1
+            continue
+        if state == "waiting":
+            counts["waiting"] += 1
+            log(f"[{i}/{len(chosen)}] {exp['id']}: waiting for its sweep (run it first, or drop --only)")
+            continue
+        resolved = resolve(exp, all_experiments, folder)
+        log(f"[{i}/{len(chosen)}] {exp['id']} (lr {resolved['lr']:g}) ...")
+        record = run_one(resolved, device)
+        write(record, folder)
+        best = record["best"]["test"]
+        shown = {k: round(v, 4) for k, v in best.items() if isinstance(v, float)}
+        log(f"    {record['stopped']} after {record['steps']} steps, {record['total_time_s']:.0f} s; test at best: {shown}")
+        counts["ran"] += 1
+        if after_each is not None:
+            after_each()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from . import report
+
+    parser = argparse.ArgumentParser(prog="python -m pefttutor.study", description=__doc__)
+    parser.add_argument("--list", action="store_true", help="list the experiments and their status, run nothing")
+    parser.add_argument("--only", help="run only experiments whose id matches (glob, or substring)")
+    parser.add_argument("--seeds", help="final runs of these seeds only, e.g. 0 or 0,1,2")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--results", type=Path, help="results folder (default: results/, fast mode: a scratch folder)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the results folder's README.md")
+    args = parser.parse_args(argv)
+    folder = args.results or results_dir()
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    all_exps = experiments.experiments()
+    chosen = select(all_exps, args.only, seeds)
+    if args.report:
+        report.write_readme(folder, all_exps)
+        return 0
+    if args.list:
+        for e in chosen:
+            print(f"{status(e, all_exps, folder):8s} {e['id']}")
+        return 0
+    device = config.get_device(args.device)
+    print(f"{len(chosen)} experiments, results in {folder}, device {device}")
+    counts = run_study(chosen, all_exps, folder, device, after_each=lambda: report.write_readme(folder, all_exps))
+    report.write_readme(folder, all_exps)
+    print(f"ran {counts['ran']}, skipped {counts['skipped']} (done), waiting {counts['waiting']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
