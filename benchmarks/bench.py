@@ -695,7 +695,7 @@ def _label(method: str) -> str:
     return VARIANTS[method].label if method in VARIANTS else method
 
 
-def render(result: dict) -> str:
+def render(result: dict, tta: dict | None = None) -> str:
     m, s, idx = result["machine"], result["settings"], _index(result["records"])
     keys = {(r["section"], r["model"], r["method"], r["batch"], r["seq_len"]) for r in result["records"]}
 
@@ -824,7 +824,30 @@ def render(result: dict) -> str:
         lines.append("")
 
     lines += [MEMORY_NOTE, ""]
+    if tta is not None:
+        lines += time_to_accuracy_section(tta)
     return "\n".join(lines)
+
+
+def time_to_accuracy_section(tta: dict) -> list[str]:
+    """The table of `benchmarks/time_to_accuracy.py`'s run (time_to_accuracy.json)."""
+    s, m, runs = tta["settings"], tta["machine"], tta["runs"]
+    ref = runs["Trainer + peft, defaults"]["time_to_target_s"], runs["Trainer + peft, best flags"]["time_to_target_s"]
+    lines = ["## Time to accuracy: pefttutor vs transformers.Trainer + peft", "",
+             f"`benchmarks/time_to_accuracy.py`, run {m['date']} on {m['cpu']} ({m['torch_threads']} torch threads,"
+             f" device `{m['device']}`): MiniLM tweets, LoRA r={s['r']} alpha={s['alpha']} on {', '.join(s['targets'])}"
+             f" + the linear head, lr {s['lr']:g}, batch {s['batch']}, {s['epochs']} epochs ({s['steps']} steps),"
+             f" validation ({s['validation']} tweets) every {s['eval_every']} steps, clock included. Target:"
+             f" validation accuracy {tta['target']:.4f} (from {', '.join(tta['target_from'])}: converged full"
+             f" finetuning minus 1 point).", "",
+             "| contestant | time to target (s) | vs Trainer defaults | vs Trainer best flags | total (s) |"
+             " test accuracy at the end |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        t = r["time_to_target_s"]
+        ratio = lambda base: "—" if t is None or base is None else f"{t / base:.2f}x"  # noqa: E731
+        lines.append(f"| {name} | {'not reached' if t is None else f'{t:.0f}'} | {ratio(ref[0])} | {ratio(ref[1])} |"
+                     f" {r['wall_s']:.0f} | {r['test_accuracy']:.4f} |")
+    return lines + [""]
 
 
 # What profiling against peft (torch.profiler, operator by operator) found and what was changed;
@@ -929,10 +952,15 @@ shows where they differ."""
 # ----------------------------------------------------------------------------- main
 
 
+def _tta(out: Path) -> dict | None:
+    path = out / "time_to_accuracy.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "RESULTS.md").write_text(render(result))
+    (out / "RESULTS.md").write_text(render(result, _tta(out)))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -951,7 +979,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from OUT/results.json")
     a = p.parse_args(argv)
     if a.render_only:
-        (a.out / "RESULTS.md").write_text(render(json.loads((a.out / "results.json").read_text())))
+        (a.out / "RESULTS.md").write_text(render(json.loads((a.out / "results.json").read_text()), _tta(a.out)))
         return None
     s = Settings(device=str(pt_config.get_device(a.device)), weights=a.weights, **(QUICK if a.quick else {}))
     for name in ("repeats", "warmup", "models", "methods", "variants", "sections"):

@@ -46,7 +46,7 @@ RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
 }
 
 
-def _id(task: str, group: str, name: str, seed: int, lr: float | None = None) -> str:
+def run_id(task: str, group: str, name: str, seed: int, lr: float | None = None) -> str:
     return f"{task}/{group}/{name}" + (f"_lr{lr:.0e}" if lr is not None else "") + f"_s{seed}"
 
 
@@ -59,20 +59,20 @@ def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
     for stage_seeds in (first, rest):
         for name, (spec, grid) in TWEET_METHODS.items():
             if stage_seeds is first:
-                out += [{"id": _id(task, "sweep", name, 0, lr), "task": task, "group": "sweep", "name": name,
+                out += [{"id": run_id(task, "sweep", name, 0, lr), "task": task, "group": "sweep", "name": name,
                          "spec": spec, "lr": lr, "seed": 0, "epochs": 1, "autocast": AUTOCAST} for lr in grid]
             if name == "features" and stage_seeds is rest:
                 continue  # deterministic (lbfgs on fixed embeddings): one seed says it all
-            out += [{"id": _id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
+            out += [{"id": run_id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
                      "lr": "sweep", "seed": s, "epochs": None, "autocast": AUTOCAST} for s in stage_seeds]
     for name in ("full", "lora-qv"):
-        out += [{"id": _id(task, "fp32", name, s), "task": task, "group": "fp32", "name": name,
+        out += [{"id": run_id(task, "fp32", name, s), "task": task, "group": "fp32", "name": name,
                  "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": None, "autocast": None}
                 for s in seeds[:2]]
     task = "smollm2-restaurants"
     for stage_seeds in (first, rest):
         for name, (spec, lr) in RESTAURANT_METHODS.items():
-            out += [{"id": _id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
+            out += [{"id": run_id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,
                      "lr": lr, "seed": s, "epochs": None, "autocast": AUTOCAST} for s in stage_seeds]
     return out
 

@@ -98,22 +98,70 @@ def get_task(name: str, device: torch.device):
     return _TASKS[key]
 
 
+class NeedsExtension(LookupError):
+    """The sweep's best rate is at an edge of its grid: `self.exp` is the next rate past that edge."""
+
+    def __init__(self, exp: dict[str, Any]):
+        super().__init__(f"the sweep needs {exp['id']}")
+        self.exp = exp
+
+
+MAX_EXTENSIONS = 2  # rates added past each edge of a grid, at most
+
+
+def _half_decade(x: float) -> float:
+    """The nearest value of the grid ... 1e-4, 3e-4, 1e-3, 3e-3 ... (in log scale)."""
+    candidates = [m * 10.0**k for k in range(math.floor(math.log10(x)) - 1, math.floor(math.log10(x)) + 2)
+                  for m in (1, 3)]
+    return float(f"{min(candidates, key=lambda c: abs(math.log(c / x))):.0e}")
+
+
+def extension(sweep: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    """A sweep run like `sweep[0]` at `rate` (its id names the rate)."""
+    base = sweep[0]
+    return {**base, "id": experiments.run_id(base["task"], "sweep", base["name"], base["seed"], rate), "lr": rate,
+            "extends": [e["id"] for e in sweep]}
+
+
+def sweep_runs(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """The sweep of a final run: its grid, plus the runs that extended the grid, found on disk."""
+    sweep = experiments.sweep_of(exp, all_experiments)
+    if not sweep:
+        return []
+    known = {e["id"] for e in sweep}
+    pattern = f"{sweep[0]['name']}_lr*_s{sweep[0]['seed']}.json"
+    for path in sorted((folder / exp["task"] / "sweep").glob(pattern)):
+        record = json.loads(path.read_text())
+        if record["config"]["id"] not in known and record["config"].get("extends"):
+            sweep.append(record["config"])
+    return sorted(sweep, key=lambda e: e["lr"])
+
+
 def resolve(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
     """The experiment with `lr: "sweep"` replaced by the sweep's best rate (and where it came from).
-    Raises LookupError while a sweep run has no result yet."""
+
+    Raises LookupError while a sweep run has no result yet, and NeedsExtension when the best rate
+    is at an edge of the grid (the rate past it is tried first, up to MAX_EXTENSIONS per edge)."""
     if exp["lr"] != "sweep":
         return exp
-    sweep = experiments.sweep_of(exp, all_experiments)
+    sweep = sweep_runs(exp, all_experiments, folder)
     records = [read(e["id"], folder) for e in sweep]
     missing = [e["id"] for e, r in zip(sweep, records) if r is None]
     if missing or not sweep:
         raise LookupError(f"{exp['id']} needs its learning-rate sweep first: {missing or 'no sweep defined'}")
     key, mode = records[0]["metric"], records[0]["mode"]
-    best = records[0]
-    for r in records[1:]:
-        if protocol.improved(r["best"]["validation"][key], best["best"]["validation"][key], mode):
-            best = r
-    return {**exp, "lr": best["config"]["lr"], "lr_from": [e["id"] for e in sweep]}
+    best = 0
+    for i, r in enumerate(records[1:], 1):
+        if protocol.improved(r["best"]["validation"][key], records[best]["best"]["validation"][key], mode):
+            best = i
+    grid = experiments.sweep_of(exp, all_experiments)
+    lo, hi = min(e["lr"] for e in grid), max(e["lr"] for e in grid)
+    rates = [e["lr"] for e in sweep]
+    if best == len(sweep) - 1 and sum(r > hi for r in rates) < MAX_EXTENSIONS:
+        raise NeedsExtension(extension(sweep, _half_decade(rates[-1] * math.sqrt(10))))
+    if best == 0 and sum(r < lo for r in rates) < MAX_EXTENSIONS:
+        raise NeedsExtension(extension(sweep, _half_decade(rates[0] / math.sqrt(10))))
+    return {**exp, "lr": records[best]["config"]["lr"], "lr_from": [e["id"] for e in sweep]}
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -230,39 +278,59 @@ def select(all_experiments: list[dict[str, Any]], only: str | None, seeds: tuple
     return out
 
 
+def _same_run(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a stored config is this run (which sweep files chose the rate is provenance, not config)."""
+    drop = lambda c: {k: v for k, v in c.items() if k != "lr_from"}  # noqa: E731
+    return drop(stored) == drop(wanted)
+
+
 def status(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: Path) -> str:
     """"done", "stale" (a result from another config: rerun), "waiting" (sweep unfinished) or "todo"."""
     try:
         resolved = resolve(exp, all_experiments, folder)
+    except NeedsExtension:
+        raise
     except LookupError:
         return "waiting"
     record = read(exp["id"], folder)
     if record is None:
         return "todo"
-    return "done" if record["config"] == resolved else "stale"
+    return "done" if _same_run(record["config"], resolved) else "stale"
+
+
+def _run_and_write(exp: dict[str, Any], folder: Path, device: torch.device, log: Callable[[str], None],
+                   prefix: str) -> None:
+    log(f"{prefix} {exp['id']} (lr {exp['lr']:g}) ...")
+    record = run_one(exp, device)
+    write(record, folder)
+    shown = {k: round(v, 4) for k, v in record["best"]["test"].items() if isinstance(v, float)}
+    log(f"    {record['stopped']} after {record['steps']} steps, {record['total_time_s']:.0f} s; test at best: {shown}")
 
 
 def run_study(chosen: list[dict[str, Any]], all_experiments: list[dict[str, Any]], folder: Path,
               device: torch.device, log: Callable[[str], None] = print,
               after_each: Callable[[], None] | None = None) -> dict[str, int]:
-    """Run every chosen experiment that has no up-to-date result; return counts by outcome."""
+    """Run every chosen experiment that has no up-to-date result; return counts by outcome.
+    A final run whose sweep's best rate is at an edge of the grid first runs the sweep's extension."""
     counts = {"ran": 0, "skipped": 0, "waiting": 0}
     for i, exp in enumerate(chosen, 1):
-        state = status(exp, all_experiments, folder)
+        prefix = f"[{i}/{len(chosen)}]"
+        while True:
+            try:
+                state = status(exp, all_experiments, folder)
+                break
+            except NeedsExtension as need:  # status() lets it through: running it is our job
+                log(f"{prefix} the sweep's best rate is at an edge of its grid: extending it")
+                _run_and_write(need.exp, folder, device, log, prefix)
+                counts["ran"] += 1
         if state == "done":
             counts["skipped"] += 1
             continue
         if state == "waiting":
             counts["waiting"] += 1
-            log(f"[{i}/{len(chosen)}] {exp['id']}: waiting for its sweep (run it first, or drop --only)")
+            log(f"{prefix} {exp['id']}: waiting for its sweep (run it first, or drop --only)")
             continue
-        resolved = resolve(exp, all_experiments, folder)
-        log(f"[{i}/{len(chosen)}] {exp['id']} (lr {resolved['lr']:g}) ...")
-        record = run_one(resolved, device)
-        write(record, folder)
-        best = record["best"]["test"]
-        shown = {k: round(v, 4) for k, v in best.items() if isinstance(v, float)}
-        log(f"    {record['stopped']} after {record['steps']} steps, {record['total_time_s']:.0f} s; test at best: {shown}")
+        _run_and_write(resolve(exp, all_experiments, folder), folder, device, log, prefix)
         counts["ran"] += 1
         if after_each is not None:
             after_each()
@@ -291,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for e in chosen:
-            print(f"{status(e, all_exps, folder):8s} {e['id']}")
+            try:
+                state = status(e, all_exps, folder)
+            except NeedsExtension as need:
+                state = f"extend ({need.exp['id']} first)"
+            print(f"{state:8s} {e['id']}")
         return 0
     device = config.get_device(args.device)
     print(f"{len(chosen)} experiments, results in {folder}, device {device}")

@@ -1,0 +1,208 @@
+"""The study runner: a tiny study in fast mode runs, skips what is done, resumes after an
+interruption, reruns a stale result; the protocol's stopping rule; every experiment's spec builds."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pefttutor import config, protocol
+from pefttutor.models import BertClassifier
+from pefttutor.study import experiments, methods, report, runner
+from tiny_models import tiny_bert, tiny_llama
+
+
+@pytest.mark.parametrize("values, mode, patience, stop", [
+    ([0.5, 0.6, 0.7], "max", 2, False),
+    ([0.5, 0.7, 0.6, 0.65], "max", 2, True),
+    ([0.5, 0.7, 0.6, 0.71], "max", 2, False),
+    ([0.5, 0.7, 0.7, 0.7], "max", 2, True),  # ties are no improvement
+    ([2.0, 1.5, 1.6], "min", 1, True),
+    ([2.0, 1.5, 1.4], "min", 1, False),
+    ([2.0], "min", 1, False),
+])
+def test_plateaued_is_the_stopping_rule(values, mode, patience, stop):
+    curve = [(i, {"m": v}) for i, v in enumerate(values)]
+    assert protocol.plateaued(curve, "m", mode, patience) is stop
+
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="minilm-tweets, smollm2-restaurants"):
+        protocol.task("imdb")
+
+
+def test_experiments_are_unique_and_every_final_run_follows_its_sweep():
+    exps = experiments.experiments()
+    ids = [e["id"] for e in exps]
+    assert len(ids) == len(set(ids))
+    for i, e in enumerate(exps):
+        if e["lr"] == "sweep":
+            sweep = experiments.sweep_of(e, exps)
+            assert len(sweep) == 3 and all(ids.index(s["id"]) < i for s in sweep), e["id"]
+    tweets = {e["name"] for e in exps if e["task"] == "minilm-tweets" and e["group"] == "final"}
+    assert tweets == set(experiments.TWEET_METHODS)
+    assert {e["name"] for e in exps if e["task"] == "smollm2-restaurants"} == set(experiments.RESTAURANT_METHODS)
+
+
+@pytest.mark.parametrize("name", list(experiments.TWEET_METHODS))
+def test_every_tweet_spec_builds_on_a_classifier(name):
+    spec = experiments.TWEET_METHODS[name][0]
+    model = methods.build(BertClassifier(tiny_bert(), 3), json.loads(json.dumps(spec)))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    if spec["method"] not in ("full", "head", "features"):
+        assert trainable - {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("name", list(experiments.RESTAURANT_METHODS))
+def test_every_restaurant_spec_builds_on_a_llama(name, tmp_path):
+    spec = experiments.RESTAURANT_METHODS[name][0]
+    model = methods.build(tiny_llama(), json.loads(json.dumps(spec)))
+    assert any(p.requires_grad for p in model.parameters())
+    methods.for_inference(model, spec)
+    methods.save(model, spec, tmp_path / "a.safetensors")
+    assert (tmp_path / "a.safetensors").stat().st_size > 0
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="lora"):
+        methods.build(tiny_llama(), {"method": "loRA"})
+
+
+def _tiny_study():
+    spec = {"method": "head"}
+    sweep = [{"id": f"minilm-tweets/sweep/head_lr{lr:.0e}_s0", "task": "minilm-tweets", "group": "sweep",
+              "name": "head", "spec": spec, "lr": lr, "seed": 0, "epochs": 0.5, "autocast": "bf16"}
+             for lr in (1e-3, 3e-2)]
+    final = [{"id": "minilm-tweets/final/head_s0", "task": "minilm-tweets", "group": "final", "name": "head",
+              "spec": spec, "lr": "sweep", "seed": 0, "epochs": 1, "autocast": "bf16"}]
+    return sweep + final
+
+
+@pytest.fixture(scope="module")
+def fast_mode():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PEFTTUTOR_FAST", "1")
+    yield
+    mp.undo()
+
+
+def test_a_tiny_study_runs_skips_resumes_and_reruns_stale(fast_mode, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "MAX_EXTENSIONS", 0)  # a 2-rate grid always peaks at an edge (tested below)
+    exps = _tiny_study()
+    device = torch.device("cpu")
+    logs = []
+    real_run_one = runner.run_one
+
+    def interrupted(exp, dev):  # the final run is cut short, as by Ctrl-C or the end of a session
+        if exp["group"] == "final":
+            (tmp_path / "minilm-tweets" / "final").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "minilm-tweets" / "final" / "tmpabc.tmp").write_text('{"half": ')
+            raise KeyboardInterrupt
+        return real_run_one(exp, dev)
+
+    monkeypatch.setattr(runner, "run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(exps, exps, tmp_path, device, log=logs.append)
+    assert [runner.status(e, exps, tmp_path) for e in exps] == ["done", "done", "todo"]
+    monkeypatch.setattr(runner, "run_one", real_run_one)
+
+    counts = runner.run_study(exps, exps, tmp_path, device, log=logs.append)
+    assert counts == {"ran": 1, "skipped": 2, "waiting": 0}  # resumed at the interrupted run
+    assert runner.run_study(exps, exps, tmp_path, device, log=logs.append) == {"ran": 0, "skipped": 3, "waiting": 0}
+
+    sweep = [runner.read(e["id"], tmp_path) for e in exps[:2]]
+    final = runner.read(exps[2]["id"], tmp_path)
+    best_sweep = max(sweep, key=lambda r: r["best"]["validation"]["accuracy"])
+    assert final["config"]["lr"] == best_sweep["config"]["lr"]
+    assert final["config"]["lr_from"] == [e["id"] for e in exps[:2]]
+    task = runner.get_task("minilm-tweets", device)
+    assert final["max_steps"] == task.steps_per_epoch and 1 <= final["steps"] <= final["max_steps"]
+    assert len(final["loss_curve"]) == final["steps"]
+    assert [s for s, _ in final["validation_curve"]][-1] == final["steps"]
+    best_val = max(m["accuracy"] for _, m in final["validation_curve"])
+    assert final["best"]["validation"]["accuracy"] == best_val
+    for at in ("best", "end"):
+        test = final[at]["test"]
+        assert test["n"] == len(task.splits["test"]) and 0 <= test["accuracy"] <= 1
+        assert math.isclose(test["accuracy_se"], math.sqrt(test["accuracy"] * (1 - test["accuracy"]) / test["n"]))
+    cost = final["cost"]
+    assert cost["trainable_params"] == 384 * 3 + 3 == cost["stored_params"]
+    assert cost["file_bytes"] > 4 * cost["stored_params"] and cost["median_step_s"] > 0 and cost["latency_ms"] > 0
+    prov = final["provenance"]
+    assert {"git_commit", "date", "torch", "transformers", "device", "device_name", "threads", "dtype"} <= set(prov)
+    assert prov["mode"] == "fast" and prov["device"] == "cpu"
+
+    # a changed config makes the stored result stale: it is rerun, not read
+    changed = [dict(e, epochs=0.25) if e["group"] == "sweep" and e["lr"] == 1e-3 else e for e in exps]
+    assert runner.status(changed[0], changed, tmp_path) == "stale"
+    assert runner.run_study(changed[:1], changed, tmp_path, device, log=logs.append)["ran"] == 1
+
+    text = report.render(tmp_path, exps)
+    assert "| head | " in text and "Learning-rate sweep" in text and "## Provenance" in text
+
+
+def test_a_final_run_waits_for_its_sweep(tmp_path):
+    exps = _tiny_study()
+    with pytest.raises(LookupError, match="sweep"):
+        runner.resolve(exps[2], exps, tmp_path)
+    counts = runner.run_study(exps[2:], exps, tmp_path, torch.device("cpu"), log=lambda s: None)
+    assert counts == {"ran": 0, "skipped": 0, "waiting": 1}
+
+
+def test_select_by_glob_substring_and_seed():
+    exps = experiments.experiments()
+    assert {e["name"] for e in runner.select(exps, "lora-qv", None)} == {"lora-qv"}
+    only = runner.select(exps, "smollm2-restaurants/final/*_s0", None)
+    assert only and all(e["seed"] == 0 and e["task"] == "smollm2-restaurants" for e in only)
+    seeds = runner.select(exps, None, (1,))
+    assert all(e["seed"] == 1 or e["group"] == "sweep" for e in seeds)
+
+
+def test_list_shows_every_experiment_with_its_status(tmp_path, capsys):
+    assert runner.main(["--list", "--results", str(tmp_path), "--only", "minilm-tweets/*/head*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["todo", "minilm-tweets/sweep/head_lr3e-03_s0"]
+    assert any(line.split()[0] == "waiting" for line in lines)
+
+
+def test_fast_mode_never_writes_into_the_committed_results(fast_mode):
+    assert runner.results_dir() != config.repo_root() / "results"
+
+
+def _fake_record(exp, accuracy):
+    return {"config": exp, "metric": "accuracy", "mode": "max", "best": {"validation": {"accuracy": accuracy}}}
+
+
+@pytest.mark.parametrize("accs, extra, chosen", [
+    ({1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65}, {}, 3e-3),  # interior best: no extension
+    ({1e-3: 0.6, 3e-3: 0.65, 1e-2: 0.7}, {3e-2: 0.5}, 1e-2),  # best at the top edge: 3e-2 tried, worse
+    ({1e-3: 0.7, 3e-3: 0.65, 1e-2: 0.6}, {3e-4: 0.72, 1e-4: 0.71}, 3e-4),  # bottom edge, extended twice
+    ({1e-3: 0.6, 3e-3: 0.65, 1e-2: 0.7}, {3e-2: 0.75, 1e-1: 0.8}, 1e-1),  # at most MAX_EXTENSIONS past an edge
+])
+def test_a_sweep_peaking_at_an_edge_is_extended_first(tmp_path, accs, extra, chosen):
+    grid = [{"id": f"t/sweep/m_lr{lr:.0e}_s0", "task": "t", "group": "sweep", "name": "m", "spec": {}, "lr": lr,
+             "seed": 0, "epochs": 1, "autocast": None} for lr in accs]
+    final = {"id": "t/final/m_s0", "task": "t", "group": "final", "name": "m", "spec": {}, "lr": "sweep", "seed": 0,
+             "epochs": None, "autocast": None}
+    exps = grid + [final]
+    for e in grid:
+        runner.write(_fake_record(e, accs[e["lr"]]), tmp_path)
+    tried = []
+    while True:
+        try:
+            resolved = runner.resolve(final, exps, tmp_path)
+            break
+        except runner.NeedsExtension as need:
+            tried.append(need.exp["lr"])
+            assert need.exp["id"] == f"t/sweep/m_lr{need.exp['lr']:.0e}_s0" and need.exp["extends"]
+            runner.write(_fake_record(need.exp, extra[need.exp["lr"]]), tmp_path)
+    assert tried == list(extra) and resolved["lr"] == chosen
+    assert len(resolved["lr_from"]) == len(accs) + len(extra)
+    assert runner.status(final, exps, tmp_path) == "todo"
+
+
+@pytest.mark.parametrize("x, expected", [(9.49e-4, 1e-3), (3.16e-2, 3e-2), (1e-2 / 10**0.5, 3e-3), (0.316, 0.3)])
+def test_half_decade_grid(x, expected):
+    assert runner._half_decade(x) == pytest.approx(expected)
