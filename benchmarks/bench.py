@@ -50,7 +50,7 @@ from torch import nn  # noqa: E402
 
 from pefttutor import config as pt_config  # noqa: E402
 from pefttutor.models import Bert, BertClassifier, Llama, mean_pool  # noqa: E402
-from pefttutor.train import causal_lm_loss, classification_loss, release_freed_memory  # noqa: E402
+from pefttutor.train import autocast_context, causal_lm_loss, classification_loss, release_freed_memory  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, as peft calls them
 
@@ -416,18 +416,23 @@ def step_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 class Trainer:
     """One implementation's model with a method applied, an AdamW optimizer and a fixed batch."""
 
-    def __init__(self, kit: Kit, method: Method, impl: str, batch: dict):
+    def __init__(self, kit: Kit, method: Method, impl: str, batch: dict, autocast: str | None = None):
         apply = method.ours if impl == "pefttutor" else method.peft
-        self.kit, self.impl, self.batch = kit, impl, batch
+        self.kit, self.impl, self.batch, self.autocast = kit, impl, batch, autocast
         self.task = kit.task(apply(kit.fresh(impl), kit), impl).train()
         self.params = [p for p in self.task.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
 
     def step(self) -> None:
-        """forward + backward + optimizer step, as pefttutor.train.train does them."""
+        """forward + backward + optimizer step, as pefttutor.train.train does them (the forward and
+        loss under the same autocast for both implementations)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.kit.loss(self.task, self.batch, self.impl).backward()
+        self._loss().backward()
         self.optimizer.step()
+
+    def _loss(self) -> torch.Tensor:
+        with autocast_context(next(self.task.parameters()).device, self.autocast):
+            return self.kit.loss(self.task, self.batch, self.impl)
 
     def peak_memory_bytes(self, device) -> tuple[int, int]:
         """(whole: model + optimizer state + step growth, step growth alone); call after a step."""
@@ -438,7 +443,7 @@ class Trainer:
         return static + grow, grow
 
     def _forward_backward_step(self) -> None:
-        self.kit.loss(self.task, self.batch, self.impl).backward()
+        self._loss().backward()
         self.optimizer.step()
 
     def trainable(self) -> int:
@@ -489,6 +494,7 @@ class Settings:
     variants: tuple[str, ...] = tuple(VARIANTS)
     sections: tuple[str, ...] = ("train", "latency", "scaling")
     weights: str = "real"  # real | random | tiny
+    autocasts: tuple[str | None, ...] = (None, "bf16")  # training rows per autocast (method key + "+bf16")
 
 
 QUICK = dict(batch=2, seq_len=32, latency_batches=(1, 4), latency_seq_len=32, repeats=3, warmup=1, latency_seconds=0.0,
@@ -505,14 +511,15 @@ def log(msg: str) -> None:
 
 def bench_train(kit: Kit, s: Settings, device, records: list[Record], missing: set[str]) -> None:
     batch = kit.batch(s.batch, s.seq_len, device)
-    for key in s.methods:
-        method = METHODS[key]
+    for base_key, autocast in ((k, a) for a in s.autocasts for k in s.methods):
+        method = METHODS[base_key]
+        key = base_key + ("" if autocast is None else f"+{autocast}")
         if kit.name not in method.models:
             continue
         if not available(method):
             missing.add(method.module)
             continue
-        trainers = {impl: Trainer(kit, method, impl, batch) for impl in IMPLS}
+        trainers = {impl: Trainer(kit, method, impl, batch, autocast) for impl in IMPLS}
         times = interleaved({impl: t.step for impl, t in trainers.items()}, s.repeats, s.warmup, device)
         for impl, t in trainers.items():
             whole, grow = t.peak_memory_bytes(device)
@@ -689,18 +696,26 @@ def _ratio(a: dict | None, b: dict | None, key: str = "median") -> str:
     return "—" if a is None or b is None or not b[key] else f"{a[key] / b[key]:.2f}x"
 
 
+def _base(method: str) -> str:
+    """The METHODS key of a record's method ("lora_qv+bf16" -> "lora_qv")."""
+    return method.split("+", 1)[0]
+
+
 def _label(method: str) -> str:
-    if method in METHODS:
-        return METHODS[method].label
+    base, _, autocast = method.partition("+")
+    if base in METHODS:
+        return METHODS[base].label + (f", {autocast} autocast" if autocast else "")
     return VARIANTS[method].label if method in VARIANTS else method
 
 
-def render(result: dict, tta: dict | None = None) -> str:
+def render(result: dict, extras: dict | None = None) -> str:
+    """RESULTS.md; `extras` holds the other benchmarks' results (`_extras`), each rendered after."""
     m, s, idx = result["machine"], result["settings"], _index(result["records"])
     keys = {(r["section"], r["model"], r["method"], r["batch"], r["seq_len"]) for r in result["records"]}
 
     def rows(section):
-        order = {name: i for i, name in enumerate(VARIANTS if section == "latency" else METHODS)}
+        order = {name: i for i, name in enumerate(VARIANTS if section == "latency" else
+                                                  [m + a for a in ("", "+bf16") for m in METHODS])}
         return sorted((k for k in keys if k[0] == section),
                       key=lambda k: (k[1] != "smollm2", k[3], order.get(k[2], len(order)), k[2], k[4]))
 
@@ -824,9 +839,27 @@ def render(result: dict, tta: dict | None = None) -> str:
         lines.append("")
 
     lines += [MEMORY_NOTE, ""]
-    if tta is not None:
-        lines += time_to_accuracy_section(tta)
+    extras = extras or {}
+    if "speedups" in extras:
+        lines += speedups_section(extras["speedups"])
+    if "time_to_accuracy" in extras:
+        lines += time_to_accuracy_section(extras["time_to_accuracy"])
     return "\n".join(lines)
+
+
+def speedups_section(sp: dict) -> list[str]:
+    """The table of `benchmarks/speedups.py`'s run (speedups.json)."""
+    m = sp["machine"]
+    lines = ["## Training speed-ups, each against what it replaced", "",
+             f"`benchmarks/speedups.py`, run {m['date']} on {m['cpu']} ({m['torch_threads']} torch threads, device"
+             f" `{m['device']}`): median seconds per training step over {sp['steps']} of the study's real batches,"
+             " the two variants interleaved (evaluation rows: a whole validation pass). The accuracy check of bf16"
+             " autocast is the study's fp32 group (`results/README.md`).", "",
+             "| speed-up | setting | before (ms) | after (ms) | speed-up |", "|---|---|---|---|---|"]
+    for r in sp["rows"]:
+        lines.append(f"| {r['speed-up']} | {r['setting']} | {1e3 * r['before']:,.0f} | {1e3 * r['after']:,.0f} |"
+                     f" {r['before'] / r['after']:.2f}x |")
+    return lines + [""]
 
 
 def time_to_accuracy_section(tta: dict) -> list[str]:
@@ -919,13 +952,13 @@ def _targets(result: dict, idx: dict) -> list[str]:
 
     for metric, title, causes in (("step_time_s", "Where pefttutor is slower", {}),
                                   ("peak_memory_mb", "Where pefttutor uses more memory", MORE_MEMORY_BECAUSE)):
-        methods = sorted({r["method"] for r in over[metric]}, key=list(METHODS).index)
+        methods = sorted({r["method"] for r in over[metric]}, key=lambda m: (list(METHODS).index(_base(m)), m))
         if methods:
             lines += ["", f"{title}:"]
         for method in methods:
             rows = [r for r in over[metric] if r["method"] == method]
             overlap = all(r["min"] <= other(r)["max"] for r in rows)
-            why = causes.get(method) or (
+            why = causes.get(_base(method)) or (
                 "the fastest runs are not slower (ratio of the mins <= 1.00x): run-to-run noise on this shared"
                 " machine." if all(r["min"] <= other(r)["min"] for r in rows) else
                 "no cause found: the profile (operator by operator against peft's, on tiny and real models)"
@@ -952,15 +985,16 @@ shows where they differ."""
 # ----------------------------------------------------------------------------- main
 
 
-def _tta(out: Path) -> dict | None:
-    path = out / "time_to_accuracy.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _extras(out: Path) -> dict:
+    """The results of benchmarks/speedups.py and time_to_accuracy.py, where they were run."""
+    names = ("speedups", "time_to_accuracy")
+    return {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()}
 
 
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "RESULTS.md").write_text(render(result, _tta(out)))
+    (out / "RESULTS.md").write_text(render(result, _extras(out)))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -979,7 +1013,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from OUT/results.json")
     a = p.parse_args(argv)
     if a.render_only:
-        (a.out / "RESULTS.md").write_text(render(json.loads((a.out / "results.json").read_text()), _tta(a.out)))
+        (a.out / "RESULTS.md").write_text(render(json.loads((a.out / "results.json").read_text()), _extras(a.out)))
         return None
     s = Settings(device=str(pt_config.get_device(a.device)), weights=a.weights, **(QUICK if a.quick else {}))
     for name in ("repeats", "warmup", "models", "methods", "variants", "sections"):

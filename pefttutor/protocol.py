@@ -59,6 +59,13 @@ def plateaued(curve: list[tuple[int, dict[str, float]]], key: str, mode: str, pa
     return not any(improved(v, best_before, mode) for v in values[-patience:])
 
 
+def classification_scores(preds: list[int], gold: list[int]) -> dict[str, float]:
+    """accuracy, macro-F1 over the 3 classes, n, and the accuracy's binomial standard error."""
+    acc = metrics.accuracy(preds, gold)
+    return {"accuracy": acc, "macro_f1": metrics.macro_f1(preds, gold, classes=range(len(data.LABELS))),
+            "n": len(gold), "accuracy_se": math.sqrt(acc * (1 - acc) / len(gold))}
+
+
 def _fixed_batch(tokenizer, texts: list[str], length: int = 64) -> Batch:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -131,13 +138,13 @@ class TweetTask:
             out[i] = p
         return out
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        """accuracy, macro-F1, n and the accuracy's standard error on `split`."""
+    def evaluate(self, model: nn.Module, split: str, predictions: bool = False) -> dict:
+        """accuracy, macro-F1, n and the accuracy's standard error on `split` (and, with
+        `predictions`, the predicted class ids in the split's order, for paired comparisons)."""
         preds = self.predict(model, split)
         gold = [ex["label"] for ex in self.splits[split]]
-        acc = metrics.accuracy(preds, gold)
-        return {"accuracy": acc, "macro_f1": metrics.macro_f1(preds, gold, classes=range(len(data.LABELS))),
-                "n": len(gold), "accuracy_se": math.sqrt(acc * (1 - acc) / len(gold))}
+        out = classification_scores(preds, gold)
+        return {**out, "predictions": preds} if predictions else out
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """What model selection reads every `eval_every` steps."""
@@ -205,8 +212,10 @@ class RestaurantTask:
         return generation.complete(model, self.tokenizer, self.prompts_of(split, chat), self.max_new_tokens,
                                    add_special_tokens=not chat, batch_size=self.gen_batch_size)
 
-    def evaluate(self, model: nn.Module, split: str, chat: bool = False, se: bool = True) -> dict[str, float]:
-        """BLEU and ROUGE-L (0-100) on `split`, with bootstrap standard errors (`se`), and one example."""
+    def evaluate(self, model: nn.Module, split: str, chat: bool = False, se: bool = True,
+                 predictions: bool = False) -> dict:
+        """BLEU and ROUGE-L (0-100) on `split`, with bootstrap standard errors (`se`), one example
+        (and, with `predictions`, every hypothesis in the split's order)."""
         hyps = self.generate(model, split, chat)
         refs = [ex["refs"] for ex in self.splits[split]]
         out = {"BLEU": metrics.bleu(hyps, refs), "ROUGE-L": metrics.rouge_l(hyps, refs), "n": len(hyps)}
@@ -214,7 +223,7 @@ class RestaurantTask:
             out["BLEU_se"] = metrics.bootstrap_se(metrics.bleu, hyps, refs)
             out["ROUGE-L_se"] = metrics.bootstrap_se(metrics.rouge_l, hyps, refs)
         out["example"] = hyps[0]
-        return out
+        return {**out, "predictions": hyps} if predictions else out
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module) -> float:

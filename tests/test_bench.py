@@ -53,7 +53,8 @@ def test_every_available_method_is_measured_by_both(run, bench):
         for model in method.models:
             for impl in bench.IMPLS:
                 for metric in ("step_time_s", "peak_memory_mb", "step_memory_mb", "trainable_params"):
-                    assert ("train", impl, model, key, metric) in seen, (impl, model, key, metric)
+                    for row in (key, key + "+bf16"):  # fp32, and both under the same bf16 autocast
+                        assert ("train", impl, model, row, metric) in seen, (impl, model, row, metric)
     for key, variant in bench.VARIANTS.items():
         impls = bench.IMPLS if variant.peft is not None else ("pefttutor",)
         if bench.available(variant):
@@ -75,7 +76,7 @@ def test_same_method_same_trainable_count(run):
         if r["metric"] == "trainable_params":
             counts.setdefault((r["model"], r["method"]), {})[r["impl"]] = r["median"]
     for (model, method), c in counts.items():
-        if method != "llama_adapter":
+        if not method.startswith("llama_adapter"):
             assert c["pefttutor"] == c["peft"], (model, method, c)
 
 
@@ -138,3 +139,66 @@ def test_interleaved_rounds_order_and_time_budget(bench):
     more = bench.interleaved(fns, repeats=3, warmup=0, device=torch.device("cpu"), min_seconds=0.05, max_repeats=40)
     assert 3 < len(more["a"]) == len(more["b"]) <= 40
     assert gc.isenabled()
+
+
+def test_bf16_rows_are_labelled(bench):
+    assert bench._label("lora_qv+bf16") == "LoRA Wq,Wv r=8, bf16 autocast"
+    assert bench._base("lora_qv+bf16") == "lora_qv" and bench._label("full") == "full finetuning"
+
+
+def test_time_to_accuracy_runs_every_contestant_and_renders(bench, tmp_path, monkeypatch):
+    """A smoke run in fast mode (shrunk data): Trainer + peft twice and pefttutor, one table."""
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", repo_root() / "benchmarks" / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
+    monkeypatch.setenv("PEFTTUTOR_FAST", "1")
+    spec.loader.exec_module(tta)
+    out = tmp_path / "tta.json"
+    assert tta.main(["--quick", "--target", "0.4", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"Trainer + peft, defaults", "Trainer + peft, best flags", "pefttutor"}
+    for r in result["runs"].values():
+        times = [t for t, _ in r["curve"]]
+        assert len(times) == 12 and times == sorted(times) and 0 <= r["test_accuracy"] <= 1
+        reached = [t for t, acc in r["curve"] if acc >= 0.4]
+        assert r["time_to_target_s"] == (reached[0] if reached else None)
+    assert result["runs"]["Trainer + peft, best flags"]["flags"]["train_sampling_strategy"] == "group_by_length"
+    md = "\n".join(bench.time_to_accuracy_section(result))
+    assert md.count("\n| ") == 4 and "vs Trainer best flags" in md
+    assert tta.time_to([(1.0, 0.3), (2.0, 0.5), (3.0, 0.6)], 0.5) == 2.0 and tta.time_to([(1.0, 0.3)], 0.5) is None
+
+
+def test_speedups_measure_every_row_and_render(bench, tmp_path, monkeypatch):
+    """A smoke run in fast mode: every speed-up is measured against what it replaced, one table."""
+    spec = importlib.util.spec_from_file_location("speedups", repo_root() / "benchmarks" / "speedups.py")
+    sp = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
+    monkeypatch.setenv("PEFTTUTOR_FAST", "1")
+    spec.loader.exec_module(sp)
+    out = tmp_path / "speedups.json"
+    assert sp.main(["--steps", "1", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    kinds = [r["speed-up"] for r in result["rows"]]
+    assert kinds.count("bf16 autocast") == 2 and kinds.count("LM head at labelled positions only") == 2
+    assert "fused AdamW" in kinds and kinds.count("validation sorted by length") == 2
+    assert all(r["before"] > 0 and r["after"] > 0 for r in result["rows"])
+    md = "\n".join(bench.speedups_section(result))
+    assert md.count("\n| ") == len(result["rows"]) + 1
+
+
+def test_the_old_lm_loss_equals_the_new_one(bench, monkeypatch):
+    """speedups.py times causal_lm_loss against the all-positions loss it replaced: same value."""
+    monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("speedups", repo_root() / "benchmarks" / "speedups.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    from tiny_models import tiny_llama
+
+    from pefttutor import train
+
+    model = tiny_llama()
+    ids = torch.randint(5, 64, (2, 6))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert torch.allclose(sp.all_positions_lm_loss(model, batch), train.causal_lm_loss(model, batch), atol=1e-6)

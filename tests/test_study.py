@@ -123,6 +123,7 @@ def test_a_tiny_study_runs_skips_resumes_and_reruns_stale(fast_mode, tmp_path, m
     assert [s for s, _ in final["validation_curve"]][-1] == final["steps"]
     best_val = max(m["accuracy"] for _, m in final["validation_curve"])
     assert final["best"]["validation"]["accuracy"] == best_val
+    assert len(final["best"]["test"]["predictions"]) == len(task.splits["test"])  # for paired comparisons
     for at in ("best", "end"):
         test = final[at]["test"]
         assert test["n"] == len(task.splits["test"]) and 0 <= test["accuracy"] <= 1
@@ -206,3 +207,30 @@ def test_a_sweep_peaking_at_an_edge_is_extended_first(tmp_path, accs, extra, cho
 @pytest.mark.parametrize("x, expected", [(9.49e-4, 1e-3), (3.16e-2, 3e-2), (1e-2 / 10**0.5, 3e-3), (0.316, 0.3)])
 def test_half_decade_grid(x, expected):
     assert runner._half_decade(x) == pytest.approx(expected)
+
+
+def _tweet_run(preds, seed=0):
+    from pefttutor import data
+
+    gold = [ex["label"] for ex in data.load_tweets("test")]
+    scores = protocol.classification_scores(preds, gold)
+    return {"config": {"task": "minilm-tweets", "name": "x", "seed": seed}, "best": {"test": {**scores, "predictions": preds}}}
+
+
+def test_gap_is_paired_when_predictions_are_stored():
+    from pefttutor import data
+
+    gold = [ex["label"] for ex in data.load_tweets("test")]
+    wrong = [(y + 1) % 3 for y in gold]
+    a = [_tweet_run([w if i % 10 == 0 else y for i, (y, w) in enumerate(zip(gold, wrong))])]  # 90% right
+    b = [_tweet_run([w if i % 10 in (0, 1) else y for i, (y, w) in enumerate(zip(gold, wrong))])]  # 80%, same items +
+    d, se = report.gap(a, b, "accuracy")
+    assert d == pytest.approx(10.0)
+    # paired: b's errors include a's, so the difference's only randomness is the 10% of items where they differ
+    assert se == pytest.approx(100 * math.sqrt(0.1 * 0.9 / len(gold)), rel=0.25)
+    for r in a + b:
+        del r["best"]["test"]["predictions"]
+    d2, unpaired = report.gap(a, b, "accuracy")
+    assert d2 == d and unpaired == pytest.approx(100 * math.hypot(a[0]["best"]["test"]["accuracy_se"],
+                                                                  b[0]["best"]["test"]["accuracy_se"]))
+    assert unpaired > 1.5 * se

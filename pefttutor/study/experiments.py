@@ -3,7 +3,9 @@ seed, budget, autocast), and its id names the JSON file it writes under `results
 
 Per task and method, in this order:
 * `sweep`: the learning-rate grid (MiniLM; C for the logistic regression), seed 0, 1 epoch, the
-  protocol's validation schedule. The best validation metric picks the rate for the final runs.
+  protocol's validation schedule. The best validation metric picks the rate for the final runs;
+  when it is at an edge of the grid, the runner first tries the next half-decade past that edge
+  (up to twice per edge), so the chosen rate is never only the grid's end.
 * `final`: the chosen rate (resolved by the runner from the sweep's results), full budget with
   early stopping, one run per seed.
 * `fp32`: LoRA and full finetuning again without bf16 autocast (seed 0 and 1): the accuracy check

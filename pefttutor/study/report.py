@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import statistics
 from pathlib import Path
 from typing import Any
 
+from .. import data, metrics, protocol
 from ..compare import mean_std
+
+REFERENCE = "full"  # the method every other is compared with
 
 HEADER = """# Results: every method at convergence
 
@@ -16,7 +21,11 @@ run: config, train-loss curve, validation curve, test metric at the best validat
 the end, cost, provenance. The protocol is `pefttutor/protocol.py`; the experiments are
 `pefttutor/study/experiments.py`. Test metric: mean ± std over seeds at the best validation point;
 `se` is the test set's standard error (binomial for accuracy, bootstrap for BLEU), averaged over
-seeds. Two methods whose difference is within about two standard errors are indistinguishable.
+seeds. `Δ vs full` is the difference of the seed means from full finetuning's, in points, ± its
+standard error: the test set's share from a paired bootstrap over the test items for accuracy
+(both methods' predictions on the same resampled items; unpaired, so larger, for BLEU), the
+seeds' share from their spread; `≈` marks a
+difference within two standard errors (indistinguishable).
 """
 
 
@@ -29,11 +38,46 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def _score(task: str, key: str) -> tuple[Any, list]:
+    """(metric(predictions, gold), gold items of the whole test split) of a task's headline metric."""
+    if task == "minilm-tweets":
+        return metrics.accuracy, [ex["label"] for ex in data.load_tweets("test")]
+    return (metrics.bleu if key == "BLEU" else metrics.rouge_l), [ex["refs"] for ex in data.load_restaurants("test")]
+
+
+def gap(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str, n_resamples: int = 200,
+        seed: int = 0) -> tuple[float, float]:
+    """Seed-mean test `key` of runs `a` minus runs `b`, in points, and its standard error (see HEADER).
+
+    The paired bootstrap is used for accuracy (cheap per resample); for BLEU / ROUGE-L, and
+    without stored predictions, the test share is the unpaired sqrt(se_a^2 + se_b^2), which is
+    larger (a conservative error: it ignores that both are scored on the same items)."""
+    scale = 100.0 if key == "accuracy" else 1.0
+    mean = lambda rs: statistics.fmean(r["best"]["test"][key] for r in rs)  # noqa: E731
+    diff = scale * (mean(a) - mean(b))
+    seeds = sum(statistics.variance([r["best"]["test"][key] for r in rs]) / len(rs) for rs in (a, b) if len(rs) > 1)
+    preds = [[r["best"]["test"].get("predictions") for r in rs] for rs in (a, b)]
+    task = a[0]["config"]["task"]
+    metric, gold = _score(task, key)
+    if key == "accuracy" and all(p is not None and len(p) == len(gold) for ps in preds for p in ps):
+        rng, n, diffs = random.Random(seed), len(gold), []
+        for _ in range(n_resamples):
+            idx = [rng.randrange(n) for _ in range(n)]
+            g = [gold[i] for i in idx]
+            m = [statistics.fmean(metric([p[i] for i in idx], g) for p in ps) for ps in preds]
+            diffs.append(m[0] - m[1])
+        test = statistics.stdev(diffs)
+    else:
+        test = math.hypot(*(statistics.fmean(r["best"]["test"][f"{key}_se"] for r in rs) for rs in (a, b)))
+    return diff, scale * math.sqrt(test**2 + seeds)
+
+
 def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]]) -> list[str]:
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_name.setdefault(r["config"]["name"], []).append(r)
-    cols = ["method", "lr", "seeds"] + [f"test {k}" for k, _ in keys] + [f"{keys[0][0]} se", "steps to best",
+    ref = by_name.get(REFERENCE)
+    cols = ["method", "lr", "seeds"] + [f"test {k}" for k, _ in keys] + [f"{keys[0][0]} se", "Δ vs full", "steps to best",
             "stopped", "trainable", "stored", "file (KB)", "step (ms)", "peak MB", "latency (ms)", "train time (s)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, rs in by_name.items():
@@ -43,6 +87,11 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]]) -> 
         row = [name, f"{rs[0]['config']['lr']:g}", str(len(rs))]
         row += [_fmt([r["best"]["test"][k] for r in rs], d) for k, d in keys]
         row += [f"{statistics.fmean(r['best']['test'][keys[0][0] + '_se'] for r in rs):.{keys[0][1]}f}"]
+        if ref is None or name == REFERENCE:
+            row.append("")
+        else:
+            d, se = gap(rs, ref, keys[0][0])
+            row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if abs(d) < 2 * se else ""))
         row += [", ".join(str(r["best"]["step"]) for r in rs), ", ".join(sorted({r["stopped"] for r in rs})),
                 f"{c['trainable_params']:,}", f"{c['stored_params']:,}", f"{c['file_bytes'] / 1e3:,.1f}",
                 "" if step is None else f"{1000 * step:.0f}", "" if peak is None else f"{peak:.0f}",
@@ -51,12 +100,23 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]]) -> 
     return lines
 
 
-def _sweep_table(records: list[dict[str, Any]]) -> list[str]:
+def _sweep_table(records: list[dict[str, Any]], order: list[str]) -> list[str]:
+    """Every sweep run by method and rate; the chosen rate (best validation) in bold."""
     lines = ["| method | rate | best validation | at step |", "|---|---|---|---|"]
+    by_name: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        key = r["metric"]
-        lines.append(f"| {r['config']['name']} | {r['config']['lr']:g} | {r['best']['validation'][key]:.4f} | "
-                     f"{r['best']['step']} |")
+        by_name.setdefault(r["config"]["name"], []).append(r)
+    for name in sorted(by_name, key=lambda n: order.index(n) if n in order else len(order)):
+        rs = sorted(by_name[name], key=lambda r: r["config"]["lr"])
+        key, mode = rs[0]["metric"], rs[0]["mode"]
+        best = rs[0]
+        for r in rs[1:]:
+            if protocol.improved(r["best"]["validation"][key], best["best"]["validation"][key], mode):
+                best = r
+        for r in rs:
+            mark = "**" if r is best else ""
+            lines.append(f"| {name} | {mark}{r['config']['lr']:g}{mark} | {r['best']['validation'][key]:.4f} | "
+                         f"{r['best']['step']} |")
     return lines
 
 
@@ -68,7 +128,9 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
                        ("smollm2-restaurants", [("BLEU", 1), ("ROUGE-L", 1)])):
         mine = [r for r in records if r["config"]["task"] == task]
         planned = [e for e in all_experiments if e["task"] == task]
-        out.append(f"## {task}\n\n{len([e for e in planned if e['id'] in done])} of {len(planned)} planned runs done.\n")
+        extended = len([r for r in mine if r["config"].get("extends")])
+        out.append(f"## {task}\n\n{len([e for e in planned if e['id'] in done])} of {len(planned)} planned runs done"
+                   + (f", and {extended} sweep extension{'s' * (extended != 1)} past an edge of a grid" if extended else "") + ".\n")
         for group, title in (("final", "Converged runs (bf16 autocast in training; test in fp32)"),
                              ("fp32", "The same runs without autocast (fp32 throughout)")):
             rs = [r for r in mine if r["config"]["group"] == group]
@@ -76,8 +138,9 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
                 out += [f"### {title}\n", *_final_table(rs, keys), ""]
         sweep = [r for r in mine if r["config"]["group"] == "sweep"]
         if sweep:
+            order = list(dict.fromkeys(e["name"] for e in planned))
             out += ["### Learning-rate sweep (seed 0, 1 epoch; for `features` the rate is the logistic "
-                    "regression's C)\n", *_sweep_table(sweep), ""]
+                    "regression's C; the chosen rate in bold)\n", *_sweep_table(sweep, order), ""]
     provs = [r["provenance"] for r in records]
     if provs:
         machines = sorted({f"{p['device']} ({p['device_name']}, {p['threads']} threads), torch {p['torch']}" for p in provs})

@@ -202,7 +202,7 @@ def _train_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, Any
         for k, p in model.named_parameters():
             if k in best["state"]:
                 p.copy_(best["state"][k])
-    test_best = task.evaluate(model, "test")
+    test_best = task.evaluate(model, "test", predictions=True)
     methods.for_inference(model, spec)
     file_bytes, stored = _stored(model, spec)
     return {
@@ -234,21 +234,18 @@ def _features_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, 
     frozen mean-pooled MiniLM embeddings, fitted to convergence on every training tweet."""
     from sklearn.linear_model import LogisticRegression
 
-    from .. import metrics
-
     start = time.perf_counter()
     X, y = _embed(task, "train"), [ex["label"] for ex in task.train_set]
     clf = LogisticRegression(C=exp["lr"], max_iter=5000, random_state=exp["seed"]).fit(X, y)
-    scores = {}
+    scores, preds = {}, {}
     for split in task.splits:
-        preds, gold = clf.predict(_embed(task, split)).tolist(), [ex["label"] for ex in task.splits[split]]
-        acc = metrics.accuracy(preds, gold)
-        scores[split] = {"accuracy": acc, "macro_f1": metrics.macro_f1(preds, gold, classes=range(len(data.LABELS))),
-                         "n": len(gold), "accuracy_se": math.sqrt(acc * (1 - acc) / len(gold))}
+        preds[split] = clf.predict(_embed(task, split)).tolist()
+        scores[split] = protocol.classification_scores(preds[split], [ex["label"] for ex in task.splits[split]])
     n = clf.coef_.size + clf.intercept_.size
     return {
         "steps": int(np.max(clf.n_iter_)), "max_steps": 5000, "stopped": "converged", "loss_curve": [],
-        "validation_curve": [], "best": {"step": None, "validation": scores["validation"], "test": scores["test"]},
+        "validation_curve": [], "best": {"step": None, "validation": scores["validation"],
+                                         "test": {**scores["test"], "predictions": preds["test"]}},
         "end": {"step": None, "validation": scores["validation"], "test": scores["test"]},
         "cost": {"wall_time_s": time.perf_counter() - start, "median_step_s": None, "peak_memory_mb": None,
                  "trainable_params": n, "total_params": n + sum(p.numel() for p in task.encoder.parameters()),
