@@ -85,3 +85,26 @@ def test_training_step_and_measurements_on_cuda():
     assert next(model.parameters()).device.type == "cuda"
     lat = compare.latency_ms(model, batch, repeats=3)
     assert 0 < lat["min"] <= lat["median"]
+
+
+def test_a_tiny_study_runs_on_cuda(tmp_path, monkeypatch):
+    """The study runner on CUDA, unchanged: a sweep run and the final run it chooses the rate for,
+    both tasks' protocols (fast mode), bf16 autocast, provenance naming the GPU."""
+    from pefttutor.study import runner
+
+    monkeypatch.setenv("PEFTTUTOR_FAST", "1")
+    monkeypatch.setattr(runner, "MAX_EXTENSIONS", 0)
+    spec = {"method": "lora", "targets": ["query", "value"], "r": 4, "alpha": 8}
+    exps = [{"id": "minilm-tweets/sweep/lora_lr1e-02_s0", "task": "minilm-tweets", "group": "sweep", "name": "lora",
+             "spec": spec, "lr": 1e-2, "seed": 0, "epochs": 0.5, "autocast": "bf16"},
+            {"id": "minilm-tweets/final/lora_s0", "task": "minilm-tweets", "group": "final", "name": "lora",
+             "spec": spec, "lr": "sweep", "seed": 0, "epochs": 1, "autocast": "bf16"},
+            {"id": "smollm2-restaurants/final/lora_s0", "task": "smollm2-restaurants", "group": "final",
+             "name": "lora", "spec": {**spec, "targets": ["q_proj", "v_proj"]}, "lr": 2e-3, "seed": 0, "epochs": None,
+             "autocast": "bf16"}]
+    device = torch.device("cuda")
+    assert runner.run_study(exps, exps, tmp_path, device, log=lambda s: None)["ran"] == 3
+    for e in exps:
+        record = runner.read(e["id"], tmp_path)
+        assert record["provenance"]["device"] == "cuda" and record["provenance"]["device_name"]
+        assert record["cost"]["peak_memory_mb"] > 0 and record["steps"] >= 1

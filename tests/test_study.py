@@ -42,7 +42,8 @@ def test_experiments_are_unique_and_every_final_run_follows_its_sweep():
             assert len(sweep) == 3 and all(ids.index(s["id"]) < i for s in sweep), e["id"]
     tweets = {e["name"] for e in exps if e["task"] == "minilm-tweets" and e["group"] == "final"}
     assert tweets == set(experiments.TWEET_METHODS)
-    assert {e["name"] for e in exps if e["task"] == "smollm2-restaurants"} == set(experiments.RESTAURANT_METHODS)
+    restaurants = {e["name"] for e in exps if e["task"] == "smollm2-restaurants"}
+    assert restaurants == set(experiments.RESTAURANT_METHODS) | {"untuned"}
 
 
 @pytest.mark.parametrize("name", list(experiments.TWEET_METHODS))
@@ -234,3 +235,15 @@ def test_gap_is_paired_when_predictions_are_stored():
     assert d2 == d and unpaired == pytest.approx(100 * math.hypot(a[0]["best"]["test"]["accuracy_se"],
                                                                   b[0]["best"]["test"]["accuracy_se"]))
     assert unpaired > 1.5 * se
+
+
+def test_the_untuned_baseline_uses_the_chat_prompt(fast_mode, tmp_path):
+    exp = next(e for e in experiments.experiments() if e["name"] == "untuned")
+    record = runner.run_one(exp, torch.device("cpu"))
+    task = runner.get_task("smollm2-restaurants", torch.device("cpu"))
+    test = record["best"]["test"]
+    assert record["steps"] == 0 and record["cost"]["trainable_params"] == 0 == record["cost"]["file_bytes"]
+    assert len(test["predictions"]) == len(task.splits["test"]) and test["predictions"][0] == test["example"]
+    assert test["predictions"] == task.generate(task.new_model(0), "test", chat=True)
+    assert {"BLEU", "ROUGE-L", "BLEU_se", "ROUGE-L_se"} <= set(test)
+    assert "<|im_start|>" in task.prompts_of("test", chat=True)[0]

@@ -48,6 +48,9 @@ RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
 }
 
 
+UNTUNED = {"method": "untuned"}  # the instruct model prompted with its chat template: the baseline
+
+
 def run_id(task: str, group: str, name: str, seed: int, lr: float | None = None) -> str:
     return f"{task}/{group}/{name}" + (f"_lr{lr:.0e}" if lr is not None else "") + f"_s{seed}"
 
@@ -72,6 +75,8 @@ def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
                  "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": None, "autocast": None}
                 for s in seeds[:2]]
     task = "smollm2-restaurants"
+    out.append({"id": run_id(task, "final", "untuned", 0), "task": task, "group": "final", "name": "untuned",
+                "spec": UNTUNED, "lr": 0.0, "seed": 0, "epochs": None, "autocast": None})
     for stage_seeds in (first, rest):
         for name, (spec, lr) in RESTAURANT_METHODS.items():
             out += [{"id": run_id(task, "final", name, s), "task": task, "group": "final", "name": name, "spec": spec,

@@ -18,7 +18,7 @@ from .. import params
 from ..methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
 
 HEAD = "classifier"
-METHODS = ("full", "head", "features", "prompt_tuning", "prefix_tuning", "adapters", "lora", "llama_adapter")
+METHODS = ("untuned", "full", "head", "features", "prompt_tuning", "prefix_tuning", "adapters", "lora", "llama_adapter")
 _MODULES = {"prompt_tuning": prompt_tuning, "prefix_tuning": prefix_tuning, "adapters": adapters, "lora": lora,
             "llama_adapter": llama_adapter}
 
@@ -34,7 +34,7 @@ def build(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     if name == "full":
         return model
-    if name in ("head", "features"):
+    if name in ("untuned", "head", "features"):
         params.freeze(model)
         params.unfreeze(model, _head(model))
         return model

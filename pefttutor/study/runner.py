@@ -254,11 +254,30 @@ def _features_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, 
     }
 
 
+def _untuned_run(exp: dict[str, Any], task, device: torch.device) -> dict[str, Any]:
+    """The baseline: the instruct model, untrained, prompted with its chat template and an instruction."""
+    start = time.perf_counter()
+    model = task.new_model(exp["seed"])
+    validation = task.evaluate(model, "validation", chat=True, se=False)
+    test = task.evaluate(model, "test", chat=True, predictions=True)
+    return {
+        "steps": 0, "max_steps": 0, "stopped": "untrained", "loss_curve": [], "validation_curve": [],
+        "best": {"step": 0, "validation": validation, "test": test}, "end": {"step": 0, "validation": validation, "test": test},
+        "cost": {"wall_time_s": time.perf_counter() - start, "median_step_s": None, "peak_memory_mb": None,
+                 "trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
+                 "stored_params": 0, "file_bytes": 0,
+                 "latency_ms": compare.latency_ms(model, task.latency_batch())["median"]},
+    }
+
+
+RUNS = {"features": _features_run, "untuned": _untuned_run}  # methods that do not train with `train`
+
+
 def run_one(exp: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Run one resolved experiment; return its record (config, results, provenance)."""
     task = get_task(exp["task"], device)
     start = time.perf_counter()
-    run = _features_run if exp["spec"]["method"] == "features" else _train_run
+    run = RUNS.get(exp["spec"]["method"], _train_run)
     result = run(exp, task, device)
     return {"config": exp, "metric": task.metric, "mode": task.mode, **result,
             "total_time_s": time.perf_counter() - start, "provenance": provenance(device)}
