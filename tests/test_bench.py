@@ -146,13 +146,19 @@ def test_bf16_rows_are_labelled(bench):
     assert bench._base("lora_qv+bf16") == "lora_qv" and bench._label("full") == "full finetuning"
 
 
-def test_time_to_accuracy_runs_every_contestant_and_renders(bench, tmp_path, monkeypatch):
-    """A smoke run in fast mode (shrunk data): Trainer + peft twice and pefttutor, one table."""
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", repo_root() / "benchmarks" / "time_to_accuracy.py")
-    tta = importlib.util.module_from_spec(spec)
+def _script(name: str, monkeypatch):
+    """A benchmarks/ script as a module, in fast mode (it imports `bench` from its folder)."""
     monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
     monkeypatch.setenv("PEFTTUTOR_FAST", "1")
-    spec.loader.exec_module(tta)
+    spec = importlib.util.spec_from_file_location(name, repo_root() / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_runs_every_contestant_and_renders(bench, tmp_path, monkeypatch):
+    """A smoke run in fast mode (shrunk data): Trainer + peft twice and pefttutor, one table."""
+    tta = _script("time_to_accuracy", monkeypatch)
     out = tmp_path / "tta.json"
     assert tta.main(["--quick", "--target", "0.4", "--out", str(out), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
@@ -170,11 +176,7 @@ def test_time_to_accuracy_runs_every_contestant_and_renders(bench, tmp_path, mon
 
 def test_speedups_measure_every_row_and_render(bench, tmp_path, monkeypatch):
     """A smoke run in fast mode: every speed-up is measured against what it replaced, one table."""
-    spec = importlib.util.spec_from_file_location("speedups", repo_root() / "benchmarks" / "speedups.py")
-    sp = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
-    monkeypatch.setenv("PEFTTUTOR_FAST", "1")
-    spec.loader.exec_module(sp)
+    sp = _script("speedups", monkeypatch)
     out = tmp_path / "speedups.json"
     assert sp.main(["--steps", "1", "--out", str(out), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
@@ -188,10 +190,7 @@ def test_speedups_measure_every_row_and_render(bench, tmp_path, monkeypatch):
 
 def test_the_old_lm_loss_equals_the_new_one(bench, monkeypatch):
     """speedups.py times causal_lm_loss against the all-positions loss it replaced: same value."""
-    monkeypatch.syspath_prepend(str(repo_root() / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("speedups", repo_root() / "benchmarks" / "speedups.py")
-    sp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sp)
+    sp = _script("speedups", monkeypatch)
     from tiny_models import tiny_llama
 
     from pefttutor import train

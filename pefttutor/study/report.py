@@ -25,7 +25,11 @@ seeds. `Δ vs full` is the difference of the seed means from full finetuning's, 
 standard error: the test set's share from a paired bootstrap over the test items for accuracy
 (both methods' predictions on the same resampled items; unpaired, so larger, for BLEU), the
 seeds' share from their spread; `≈` marks a
-difference within two standard errors (indistinguishable).
+difference within two standard errors (indistinguishable). `test at the end`: the same metric for the weights
+of the last step (no model selection). `late gain`: how much the last two
+evaluations raised the best validation metric (accuracy points; for SmolLM2, lowered the loss),
+the largest over seeds: near 0 means the run had reached its plateau, also when it stopped at
+the cap.
 """
 
 
@@ -72,13 +76,27 @@ def gap(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str, n_resamples:
     return diff, scale * math.sqrt(test**2 + seeds)
 
 
-def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]]) -> list[str]:
+def late_gain(record: dict[str, Any], last: int = 2) -> float | None:
+    """How much the last `last` evaluations improved the best validation metric (points for accuracy,
+    nats for loss; > 0 = still improving): the plateau check of a run that stopped at its cap."""
+    values = [m[record["metric"]] for _, m in record["validation_curve"]]
+    if len(values) <= last:
+        return None
+    pick = max if record["mode"] == "max" else min
+    gain = pick(values) - pick(values[:-last])
+    scale = 100.0 if record["metric"] == "accuracy" else 1.0
+    return scale * (gain if record["mode"] == "max" else -gain)
+
+
+def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], order: list[str]) -> list[str]:
     by_name: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: (order.index(r["config"]["name"]) if r["config"]["name"] in order
+                                            else len(order), r["config"]["seed"])):
         by_name.setdefault(r["config"]["name"], []).append(r)
     ref = by_name.get(REFERENCE)
-    cols = ["method", "lr", "seeds"] + [f"test {k}" for k, _ in keys] + [f"{keys[0][0]} se", "Δ vs full", "steps to best",
-            "stopped", "trainable", "stored", "file (KB)", "step (ms)", "peak MB", "latency (ms)", "train time (s)"]
+    cols = ["method", "lr", "seeds"] + [f"test {k}" for k, _ in keys] + [f"{keys[0][0]} se", "Δ vs full",
+            f"test {keys[0][0]} at the end", "steps to best",
+            "stopped", "late gain", "trainable", "stored", "file (KB)", "step (ms)", "peak MB", "latency (ms)", "train time (s)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, rs in by_name.items():
         c = rs[0]["cost"]
@@ -92,7 +110,11 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]]) -> 
         else:
             d, se = gap(rs, ref, keys[0][0])
             row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if abs(d) < 2 * se else ""))
-        row += [", ".join(str(r["best"]["step"]) for r in rs), ", ".join(sorted({r["stopped"] for r in rs})),
+        row.append(_fmt([r["end"]["test"][keys[0][0]] for r in rs], keys[0][1]))
+        gains = [g for g in (late_gain(r) for r in rs) if g is not None]
+        row += [", ".join("—" if r["best"]["step"] is None else str(r["best"]["step"]) for r in rs),
+                ", ".join(sorted({r["stopped"] for r in rs})),
+                f"{max(gains):+.2f}" if gains else "",
                 f"{c['trainable_params']:,}", f"{c['stored_params']:,}", f"{c['file_bytes'] / 1e3:,.1f}",
                 "" if step is None else f"{1000 * step:.0f}", "" if peak is None else f"{peak:.0f}",
                 f"{c['latency_ms']:.1f}", f"{statistics.fmean(r['total_time_s'] for r in rs):.0f}"]
@@ -131,14 +153,14 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         extended = len([r for r in mine if r["config"].get("extends")])
         out.append(f"## {task}\n\n{len([e for e in planned if e['id'] in done])} of {len(planned)} planned runs done"
                    + (f", and {extended} sweep extension{'s' * (extended != 1)} past an edge of a grid" if extended else "") + ".\n")
+        order = list(dict.fromkeys(e["name"] for e in planned))
         for group, title in (("final", "Converged runs (bf16 autocast in training; test in fp32)"),
                              ("fp32", "The same runs without autocast (fp32 throughout)")):
             rs = [r for r in mine if r["config"]["group"] == group]
             if rs:
-                out += [f"### {title}\n", *_final_table(rs, keys), ""]
+                out += [f"### {title}\n", *_final_table(rs, keys, order), ""]
         sweep = [r for r in mine if r["config"]["group"] == "sweep"]
         if sweep:
-            order = list(dict.fromkeys(e["name"] for e in planned))
             out += ["### Learning-rate sweep (seed 0, 1 epoch; for `features` the rate is the logistic "
                     "regression's C; the chosen rate in bold)\n", *_sweep_table(sweep, order), ""]
     provs = [r["provenance"] for r in records]

@@ -80,9 +80,11 @@ def provenance(device: torch.device) -> dict[str, Any]:
     """Where and with what a run was made."""
     import transformers
 
-    dirty = _git("status", "--porcelain", "--", "pefttutor") not in ("", "unknown")
+    changed = _git("status", "--porcelain", "--", "pefttutor")
+    changed = [] if changed in ("", "unknown") else [line[3:] for line in changed.splitlines()]
     return {
-        "git_commit": _git("rev-parse", "HEAD") + ("+uncommitted" if dirty else ""),
+        "git_commit": _git("rev-parse", "HEAD") + ("+uncommitted" if changed else ""),
+        "uncommitted": changed,  # the package's files that differed from that commit
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
