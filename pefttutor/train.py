@@ -126,7 +126,8 @@ AUTOCAST = {None: torch.float32, "bf16": torch.bfloat16}  # train(autocast=...) 
 
 def _fused(params: list[nn.Parameter]) -> dict[str, bool]:
     """AdamW's fused kernel (one op for every tensor) where torch has it for these parameters:
-    float CPU or CUDA tensors (torch >= 2.4 on CPU). Same arithmetic as the default per-tensor loop."""
+    float CPU or CUDA tensors (torch >= 2.4 on CPU). The same update as the default per-tensor loop,
+    up to float rounding (tested)."""
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
              for p in params)
     return {"fused": True} if ok and "fused" in inspect.signature(torch.optim.AdamW).parameters else {}

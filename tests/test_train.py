@@ -223,3 +223,20 @@ def test_should_stop_ends_training_after_an_evaluation():
     assert result.steps == 20 and len(result.loss_curve) == 20
     assert [s for s, _ in result.eval_curve] == [10, 20]  # no extra final evaluation
     assert result.metrics == result.eval_curve[-1][1]
+
+
+def test_fused_adamw_makes_the_same_update_as_the_loop():
+    """train() picks the fused kernel; its steps equal the per-tensor loop's up to rounding."""
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    start = a.body.weight.detach().clone()
+    assert train._fused(list(a.parameters())) == {"fused": True}
+    opts = [torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True), torch.optim.AdamW(b.parameters(), lr=1e-2)]
+    for batch in toy_data() * 3:
+        for model, opt in zip((a, b), opts):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.allclose(a.body.weight, start, atol=1e-3)  # the steps did move the weights
