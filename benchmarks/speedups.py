@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/bench.py)
+from harness import machine  # noqa: E402
 from pefttutor import config, data, protocol, train  # noqa: E402
 from pefttutor.methods import lora  # noqa: E402
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"speed-up": "LM head at labelled positions only", "setting": f"SmolLM2 LoRA q,k,v,o r=8, batch 8,"
                      f" {autocast or 'fp32'}", "before": t["all"], "after": t["labelled"]})
         print(rows[-1], flush=True)
-    result = {"machine": bench.machine(device), "steps": args.steps, "rows": rows}
+    result = {"machine": machine(device), "steps": args.steps, "rows": rows}
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(args.out)

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/bench.py)
-from bench import HFBertClassifier, machine  # noqa: E402
+from harness import machine  # noqa: E402
+from kits import HFBertClassifier  # noqa: E402
 from pefttutor import config, data, metrics, protocol, train  # noqa: E402
 from pefttutor.methods import lora  # noqa: E402
 

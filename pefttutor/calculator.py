@@ -30,12 +30,12 @@ A tied output layer (the token-embedding matrix reused as the LM head) is counte
 
 * "full": every parameter;
 * "lora": r (d_in + d_out) per adapted matrix (Hu et al. 2021), on `targets` in every layer;
-* "prompt": n_tokens * d_model (soft prompt, Lester et al. 2021);
-* "prefix": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021);
+* "prompt_tuning": n_tokens * d_model (soft prompt, Lester et al. 2021);
+* "prefix_tuning": 2 * n_layers * n_tokens * kv_dim (keys and values in every layer, Li & Liang 2021);
   with `reparam=True` the training-time MLP (Embedding(n, kv_dim) -> Linear(kv_dim, hidden) ->
   tanh -> Linear(hidden, 2 L kv_dim), kv_dim being peft's `token_dim`: d_model without grouped-query
   attention) is counted instead, since it is what trains;
-* "adapter": adapters * (2 m d + d + m) with bottleneck `size` m (Houlsby et al. 2019: down- and
+* "adapters": adapters * (2 m d + d + m) with bottleneck `size` m (Houlsby et al. 2019: down- and
   up-projection with biases); "houlsby" puts two in every layer, "pfeiffer" and "parallel" one;
 * "llama_adapter": n_layers * (n_tokens * d_model + n_heads) (Zhang et al. 2023: an adaption
   prompt and a per-head zero-init gate in each of the top n_layers layers).
@@ -51,15 +51,15 @@ from dataclasses import dataclass
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "momentum": 1, "sgd": 0}
 FAMILIES = ("llama", "bert", "roberta", "gpt")
-METHODS = ("full", "lora", "prompt", "prefix", "adapter", "llama_adapter")
+METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "adapters", "llama_adapter")
 PLACEMENTS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per layer
 # `peft_params`' hyperparameters per method, with their defaults
 HPARAMS = {
     "full": {},
     "lora": {"r": 8, "targets": ("q", "v")},
-    "prompt": {"n_tokens": 20},
-    "prefix": {"n_tokens": 20, "reparam": False, "hidden": 512},
-    "adapter": {"size": 64, "placement": "houlsby"},
+    "prompt_tuning": {"n_tokens": 20},
+    "prefix_tuning": {"n_tokens": 20, "reparam": False, "hidden": 512},
+    "adapters": {"size": 64, "placement": "houlsby"},
     "llama_adapter": {"n_tokens": 10, "n_layers": None},  # None: every layer
 }
 
@@ -258,14 +258,14 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
         return total_params(a)
     if method == "lora":
         return lora_params(a, **h)
-    if method == "prompt":
+    if method == "prompt_tuning":
         return h["n_tokens"] * d
-    if method == "prefix":
+    if method == "prefix_tuning":
         n, width = h["n_tokens"], 2 * L * a.kv_dim  # every layer's keys and values, per virtual token
         if not h["reparam"]:
             return n * width
         return n * a.kv_dim + (a.kv_dim + 1) * h["hidden"] + (h["hidden"] + 1) * width
-    if method == "adapter":
+    if method == "adapters":
         if h["placement"] not in PLACEMENTS:
             raise ValueError(f"unknown placement {h['placement']!r}; valid: {', '.join(PLACEMENTS)}")
         m = h["size"]
@@ -279,9 +279,6 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
 # ------------------------------------------------------------------------------------------------
 # Memory
 # ------------------------------------------------------------------------------------------------
-
-
-DTYPES = BYTES_PER_VALUE
 
 
 def training_memory(
@@ -309,8 +306,8 @@ def training_memory(
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZER_STATES)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if dtype not in BYTES_PER_VALUE:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(BYTES_PER_VALUE)}")
     is_count = isinstance(arch, (int, float))
     n = int(arch) if is_count else total_params(arch)
     if n_trainable is not None:
@@ -321,7 +318,7 @@ def training_memory(
         t = n if is_count else peft_params(arch, method, **hparams)
     if not 0 <= t <= n:
         raise ValueError(f"n_trainable must be between 0 and n_params ({n:,}), got {t:,}")
-    b = DTYPES[dtype]
+    b = BYTES_PER_VALUE[dtype]
     added = 0 if is_count or method == "full" else t  # PEFT parameters come on top of the frozen model
     out = {"weights": (n + added) * b, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
     if batch_size and seq_len:

@@ -1,8 +1,9 @@
-"""Adapter files shared by every PEFT method: strict loading and atomic safetensors writes.
+"""Adapter files: atomic safetensors writes, a checked header, strict loading.
 
-A method's adapter is a dict of named tensors (its own parameters, plus any `train` modules) and a
-JSON config. `save` writes both into one safetensors file under the method's metadata key;
-`load_strict` copies a file's tensors into a model only when the keys and shapes match exactly.
+An adapter file is one safetensors file: the method's tensors under the model's own keys, and a
+JSON header (metadata key "pefttutor") naming the method, its config and the base model's
+identity (`pefttutor.methods.base`). `load_strict` copies a file's tensors into a model only when
+the keys and shapes match exactly.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .params import find_modules
-
-C = TypeVar("C")  # a method's config dataclass
+HEADER = "pefttutor"  # the safetensors metadata key of the JSON header
+_FIELDS = ("method", "config", "base")
 
 
 def temporary_path(path: Path) -> Path:
@@ -28,58 +27,35 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, key: str, config: dict[str, Any]) -> None:
-    """Write `tensors` and `config` (as JSON under metadata `key`) atomically: temp file, then os.replace."""
+def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, header: dict[str, Any]) -> None:
+    """Write `tensors` and `header` (as JSON) atomically: a temporary file, then os.replace."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", key: json.dumps(config)})
+                  metadata={"format": "pt", HEADER: json.dumps(header)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def read(path: str | os.PathLike, key: str, what: str, config_class: type[C]) -> tuple[C, dict[str, torch.Tensor]]:
-    """(config, tensors) of a file written by `save` under `key`, the config rebuilt as `config_class`
-    (a dataclass; JSON lists become tuples). ValueError naming `what` for any other file."""
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get(key)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(header, tensors) of a file written by `save`; ValueError naming the file for anything else."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(HEADER)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     if raw is None:
-        raise ValueError(f"{path} is not a pefttutor {what} file (no {key!r} config in its header)")
-    config = json.loads(raw)
-    unknown = sorted(config.keys() - {f.name for f in fields(config_class)})
-    if unknown:
-        raise ValueError(f"{path}: unknown {what} settings {unknown} (written by another pefttutor version?)")
-    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}), tensors
-
-
-def attached_config(model: torch.nn.Module, attr: str, config_class: type[C], missing: str) -> C:
-    """The config a method's `apply` recorded on the model as `attr`; ValueError(`missing`) if none."""
-    config = getattr(model, attr, None)
-    if not isinstance(config, config_class):
-        raise ValueError(missing)
-    return config
-
-
-def require_same(config: Any, saved: Any, names: tuple[str, ...], path: str | os.PathLike, what: str) -> None:
-    """Refuse a file whose settings `names` differ from the model's: ValueError listing each difference."""
-    diff = [f"{k}: model {getattr(config, k)!r}, file {getattr(saved, k)!r}"
-            for k in names if getattr(config, k) != getattr(saved, k)]
-    if diff:
-        raise ValueError(f"{what} config mismatch with {path}: " + "; ".join(diff))
-
-
-def module_state(model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The state_dict entries of the modules whose paths end with `names`, under the model's own keys
-    (e.g. `classifier.weight`); detached, sharing memory with the model. Unknown names raise ValueError."""
-    if not names:
-        return {}
-    state = {}
-    for path, module in find_modules(model, names, torch.nn.Module).items():
-        state.update({f"{path}.{k}": v.detach() for k, v in module.state_dict().items()})
-    return state
+        raise ValueError(f"{path} is not a pefttutor adapter file (no {HEADER!r} header in its metadata)")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: its {HEADER!r} header is not valid JSON ({error})") from None
+    if not isinstance(header, dict) or any(k not in header for k in _FIELDS):
+        raise ValueError(f"{path}: its {HEADER!r} header must be a JSON object with {list(_FIELDS)}")
+    return header, tensors
 
 
 def _names(keys: list[str], limit: int = 5) -> str:

@@ -206,11 +206,6 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return _pad(sequences, pad_id, "right")
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... counted over real tokens only (pads get 0): right for left-padded rows."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _order(n: int, batch_size: int, shuffle: bool, seed: int) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")

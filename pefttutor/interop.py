@@ -98,7 +98,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Every key must match: missing, unexpected or wrongly shaped keys raise ValueError naming
     them. Non-LoRA peft types raise NotImplementedError; LoRA variants we do not implement
     (DoRA, bias training, per-layer ranks, ...) raise ValueError before the model is touched;
-    after a key error the model carries LoRA layers, so start again from a fresh base model.
+    after a key error LoRA is removed again: on any failure the model is as before.
     Returns the model.
     """
     path = Path(path)
@@ -123,5 +123,9 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         model, targets, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
         dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False), train=train,
     )
-    lora.load_adapter_state_dict(model, load_file(path / WEIGHTS_NAME), prefix=PREFIX)
+    try:
+        lora.load_adapter_state_dict(model, load_file(path / WEIGHTS_NAME), prefix=PREFIX)
+    except BaseException:
+        lora.remove(model)
+        raise
     return model

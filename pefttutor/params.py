@@ -1,10 +1,31 @@
-"""Parameter mechanics shared by every method: find modules by name, freeze, count."""
+"""Parameter mechanics shared by every method: find modules by name, freeze, count.
+
+Methods that wrap a module (LoRA, bottleneck adapters) keep it whole as the wrapper's `base` and
+subclass `Wrapper`; names match *through* wrappers (`canonical_path`), so `q_proj` still finds
+the projection once it is wrapped, and methods stack in either order.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from torch import nn
+
+
+class Wrapper(nn.Module):
+    """A module that wraps a frozen module, kept as `self.base` (its path gains a `.base`)."""
+
+    base: nn.Module
+
+
+def canonical_path(model: nn.Module, path: str) -> str:
+    """`path` without the `.base` steps into wrappers: the path the module had before any wrapping."""
+    kept, module = [], model
+    for part in path.split(".") if path else ():
+        if not (part == "base" and isinstance(module, Wrapper)):
+            kept.append(part)
+        module = getattr(module, part)
+    return ".".join(kept)
 
 
 def _matches(path: str, suffix: str) -> bool:
@@ -14,7 +35,12 @@ def _matches(path: str, suffix: str) -> bool:
 
 def module_names(model: nn.Module, cls: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Module) -> list[str]:
     """Distinct short names (last path component) of the submodules of type `cls`, sorted."""
-    return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if path and isinstance(m, cls)})
+    return sorted({path.rsplit(".", 1)[-1] for path, m in _canonical_modules(model) if path and isinstance(m, cls)})
+
+
+def _canonical_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(canonical path, module) for every submodule, in `named_modules` order (a wrapper before what it wraps)."""
+    return [(canonical_path(model, p), m) for p, m in model.named_modules()]
 
 
 def find_modules(
@@ -31,17 +57,22 @@ def find_modules(
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("no target module names given")
+    modules = [(c, p, m) for (c, m), (p, _) in zip(_canonical_modules(model), model.named_modules()) if isinstance(m, cls)]
     found: dict[str, nn.Module] = {}
+    claimed: set[str] = set()  # canonical paths found: the outermost module of type cls stands for the rest
     unmatched = []
     for target in targets:
-        hits = {p: m for p, m in model.named_modules() if isinstance(m, cls) and _matches(p, target)}
+        hits = [(c, p, m) for c, p, m in modules if _matches(c, target)]
         if not hits:
             unmatched.append(target)
-        found.update(hits)
+        for c, p, m in hits:
+            if c not in claimed:
+                claimed.add(c)
+                found[p] = m
     if unmatched:
-        kind = cls.__name__ if isinstance(cls, type) else "/".join(c.__name__ for c in cls)
+        kind = "module" if cls is nn.Module else cls.__name__ if isinstance(cls, type) else "/".join(c.__name__ for c in cls)
         raise ValueError(
-            f"no {kind} module matches {unmatched}; valid names: {module_names(model, cls)}"
+            f"no {kind} matches {unmatched}; valid names: {module_names(model, cls)}"
         )
     return found
 
@@ -70,12 +101,8 @@ def unfreeze(model: nn.Module, names: str | Iterable[str] = ()) -> list[str]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors count once."""
-    seen: set[int] = set()
     trainable = total = 0
-    for p in model.parameters():  # parameters() already de-duplicates tied tensors
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    for p in model.parameters():  # parameters() de-duplicates tied tensors
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total

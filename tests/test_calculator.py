@@ -66,15 +66,15 @@ def test_activations_reduce_to_korthikanti():
 
 def test_other_methods_follow_their_formulas():
     a = calc.ARCHS["smollm2-135m"]
-    assert calc.peft_params(a, "prompt", n_tokens=20) == 20 * 576
-    assert calc.peft_params(a, "prefix", n_tokens=10) == 2 * 30 * 10 * 192  # GQA: 3 kv heads x 64
+    assert calc.peft_params(a, "prompt_tuning", n_tokens=20) == 20 * 576
+    assert calc.peft_params(a, "prefix_tuning", n_tokens=10) == 2 * 30 * 10 * 192  # GQA: 3 kv heads x 64
     width = 2 * 30 * 192  # the reparameterization MLP: Embedding(10, kv_dim) -> kv_dim x 512 -> 512 x (2 L kv_dim)
-    assert calc.peft_params(a, "prefix", n_tokens=10, reparam=True, hidden=512) == (
+    assert calc.peft_params(a, "prefix_tuning", n_tokens=10, reparam=True, hidden=512) == (
         10 * 192 + 192 * 512 + 512 + 512 * width + width)
     # Houlsby et al.: 2md + d + m per adapter, two per layer; Pfeiffer and parallel one per layer
-    assert calc.peft_params(a, "adapter", size=16) == 2 * 30 * (2 * 16 * 576 + 576 + 16)
-    assert calc.peft_params("minilm", "adapter", size=16, placement="pfeiffer") == 6 * (2 * 16 * 384 + 384 + 16)
-    assert calc.peft_params("minilm", "adapter", size=16, placement="parallel") == 6 * (2 * 16 * 384 + 384 + 16)
+    assert calc.peft_params(a, "adapters", size=16) == 2 * 30 * (2 * 16 * 576 + 576 + 16)
+    assert calc.peft_params("minilm", "adapters", size=16, placement="pfeiffer") == 6 * (2 * 16 * 384 + 384 + 16)
+    assert calc.peft_params("minilm", "adapters", size=16, placement="parallel") == 6 * (2 * 16 * 384 + 384 + 16)
     assert calc.peft_params(a, "llama_adapter", n_tokens=10) == 30 * (10 * 576 + 9)
     assert calc.peft_params(a, "llama_adapter", n_tokens=10, n_layers=4) == 4 * (10 * 576 + 9)
 
@@ -138,7 +138,7 @@ def test_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="presets"):
         calc.get_arch("gpt-5")
     with pytest.raises(ValueError, match="houlsby, pfeiffer, parallel"):
-        calc.peft_params("minilm", "adapter", placement="after")
+        calc.peft_params("minilm", "adapters", placement="after")
     with pytest.raises(ValueError, match="between 1 and 6"):
         calc.peft_params("minilm", "llama_adapter", n_layers=7)
 
@@ -179,12 +179,12 @@ def test_minilm_goes_by_both_names():
 
 METHOD_CONFIGS = [
     ("lora", {"r": 4, "targets": ("q", "v")}),
-    ("prompt", {"n_tokens": 20}),
-    ("prefix", {"n_tokens": 10, "reparam": False}),
-    ("prefix", {"n_tokens": 10, "reparam": True, "hidden": 64}),
-    ("adapter", {"size": 16, "placement": "houlsby"}),
-    ("adapter", {"size": 16, "placement": "pfeiffer"}),
-    ("adapter", {"size": 8, "placement": "parallel"}),
+    ("prompt_tuning", {"n_tokens": 20}),
+    ("prefix_tuning", {"n_tokens": 10, "reparam": False}),
+    ("prefix_tuning", {"n_tokens": 10, "reparam": True, "hidden": 64}),
+    ("adapters", {"size": 16, "placement": "houlsby"}),
+    ("adapters", {"size": 16, "placement": "pfeiffer"}),
+    ("adapters", {"size": 8, "placement": "parallel"}),
     ("llama_adapter", {"n_tokens": 10, "n_layers": 4}),
 ]
 
@@ -196,11 +196,11 @@ def _apply(model, method, h, family):
     if method == "lora":
         names = {"llama": {"q": "q_proj", "v": "v_proj"}, "bert": {"q": "query", "v": "value"}}[family]
         return lora.apply(model, [names[t] for t in h["targets"]], r=h["r"])
-    if method == "prompt":
+    if method == "prompt_tuning":
         return prompt_tuning.apply(model, h["n_tokens"])
-    if method == "prefix":
+    if method == "prefix_tuning":
         return prefix_tuning.apply(model, h["n_tokens"], reparam=h["reparam"], **({"hidden": h["hidden"]} if h["reparam"] else {}))
-    if method == "adapter":
+    if method == "adapters":
         return adapters.apply(model, h["size"], placement=h["placement"])
     return llama_adapter.apply(model, n_tokens=h["n_tokens"], n_layers=h["n_layers"])
 

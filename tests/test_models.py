@@ -75,8 +75,13 @@ class StaticPrefix(nn.Module):
         super().__init__()
         self.k, self.v = nn.Parameter(k), nn.Parameter(v)
 
-    def forward(self, batch_size):
+    def kv_prefix(self, batch_size):
         return self.k.expand(batch_size, -1, -1, -1), self.v.expand(batch_size, -1, -1, -1)
+
+
+class ZeroDelta(nn.Module):
+    def attention_delta(self, q, attn):
+        return torch.zeros_like(q)
 
 
 def random_prefixes(model, P, seed=0):
@@ -88,7 +93,7 @@ def random_prefixes(model, P, seed=0):
 
 def set_prefixes(model, prefixes):
     for layer, (k, v) in zip(model.model.layers, prefixes):
-        layer.self_attn.prefix = StaticPrefix(k, v)
+        layer.self_attn.peft["static"] = StaticPrefix(k, v)
 
 
 def greedy_by_recompute(model, ids, mask, n):
@@ -190,9 +195,8 @@ def test_empty_prefix_and_zero_adapter_change_nothing():
     ids, mask = batch("left")
     ref_l, ref_b = llama(ids, mask), bert(ids, mask)
     for attn in [layer.self_attn for layer in llama.model.layers] + [layer.attention.self for layer in bert.encoder.layer]:
-        hkv = getattr(attn, "n_kv", attn.n_heads)
-        attn.prefix = StaticPrefix(torch.zeros(1, hkv, 0, attn.hd), torch.zeros(1, hkv, 0, attn.hd))
-        attn.adapter = lambda q, a: torch.zeros_like(q)
+        attn.peft["static"] = StaticPrefix(torch.zeros(1, attn.n_kv, 0, attn.hd), torch.zeros(1, attn.n_kv, 0, attn.hd))
+        attn.peft["zero"] = ZeroDelta()
     assert torch.equal(llama(ids, mask), ref_l)
     assert torch.equal(bert(ids, mask), ref_b)
 
@@ -207,19 +211,19 @@ def test_adapter_gets_post_rope_queries_and_trains():
             super().__init__()
             self.gate = nn.Parameter(torch.tensor(0.5))
 
-        def forward(self, q, attn):
+        def attention_delta(self, q, attn):
             seen.append((q.detach(), attn))
             return self.gate * q  # any per-head output (B, H, T, hd)
 
     attn = llama.model.layers[1].self_attn
-    attn.adapter = Adapter()
+    attn.peft["probe"] = Adapter()
     attn.q_proj.register_forward_hook(lambda m, i, out: raw.append(out.detach()))
     llama(ids, mask).sum().backward()
     (q, who), = seen
     assert who is attn and q.shape == (2, 4, 10, 16)
     cos, sin = llama.rotary(torch.arange(10)[None], q.dtype)
     assert max_diff(q, apply_rotary(raw[0].view(2, 10, 4, 16).transpose(1, 2), cos, sin)) < 1e-6
-    assert attn.adapter.gate.grad is not None and attn.adapter.gate.grad != 0
+    assert attn.peft["probe"].gate.grad is not None and attn.peft["probe"].gate.grad != 0
 
 
 @pytest.mark.parametrize("pad", ["none", "left"])
@@ -263,7 +267,7 @@ def test_attend_prefix_is_always_visible(causal):
     pk, pv = torch.randn(B, Hkv, P, hd, generator=g), torch.randn(B, Hkv, P, hd, generator=g)
     pad = torch.tensor([[1] * T, [0, 0] + [1] * (T - 2)]).bool()
     attn = nn.Module()
-    attn.adapter = None
+    attn.peft = nn.ModuleDict()
     if causal:
         out, mask = attend(attn, q, k, v, None, is_causal=True, prefix=(pk, pv)), torch.ones(T, T).tril().bool()
     else:

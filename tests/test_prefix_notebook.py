@@ -31,12 +31,12 @@ def test_notebook_attention_equals_the_package_layer(attention_with_prefix, head
     x = torch.randn(2, 5, 24)
     positions = torch.arange(5)[None].expand(2, 5)
     for attn in prefix_tuning.attention_layers(model):
-        pk, pv = attn.prefix(2)
+        pk, pv = attn.peft["prefix_tuning"].kv_prefix(2)
         with torch.no_grad():
             ours = attention_with_prefix(attn, model.rotary, x, pk, pv)
             package, _ = attn(x, lambda offset: model.rotary(positions + offset, x.dtype), None, True)
         torch.testing.assert_close(ours, package, rtol=0, atol=1e-5)
-    attn.prefix = None  # the same layer without its prefix computes something else: equality above means something
+    del attn.peft["prefix_tuning"]  # the same layer without its prefix computes something else: equality above means something
     with torch.no_grad():
         plain, _ = attn(x, lambda offset: model.rotary(positions + offset, x.dtype), None, True)
     assert (plain - package).abs().max() > 1e-3

@@ -55,9 +55,9 @@ def test_notebook_soft_prompt_equals_the_package(cell, kind, side):
     P_e = prompt_tuning.soft_prompt(model).prompt_embeddings
     ids, mask = padded_batch(side)
     package = model(ids, mask)
-    hook, model.soft_prompt = model.soft_prompt, None  # the notebook's way runs on the plain model
+    hook = model.peft.pop("prompt_tuning")  # the notebook's way runs on the plain model
     inline = cell["soft_prompt_forward"](model, P_e, ids, mask)
-    model.soft_prompt = hook
+    model.peft["prompt_tuning"] = hook
     real = mask.bool()
     torch.testing.assert_close(inline[real], package[real], rtol=0, atol=1e-5)
     assert (package - model.__class__.forward(model, ids, mask)).abs().max() == 0
@@ -74,10 +74,10 @@ def test_notebook_soft_prompt_in_a_classifier_equals_the_package(cell):
     P_e = prompt_tuning.soft_prompt(model).prompt_embeddings
     ids, mask = padded_batch("right")
     hidden = model.bert(ids, mask)
-    hook, model.bert.soft_prompt = model.bert.soft_prompt, None
+    hook = model.bert.peft.pop("prompt_tuning")
     torch.testing.assert_close(cell["soft_prompt_forward"](model.bert, P_e, ids, mask)[mask.bool()],
                                hidden[mask.bool()], rtol=0, atol=1e-5)
-    model.bert.soft_prompt = hook
+    model.bert.peft["prompt_tuning"] = hook
 
 
 def test_exercise_count_right_and_wrong():

@@ -58,7 +58,7 @@ def layer_prefix() -> Exercise:
             encoder = PrefixEncoder(n_tokens=5, n_layers=4, kv_dim=3 * 2, reparam=False)
         table = encoder.prompt_embeddings.detach()  # (P, L * 2 * kv_dim) = (5, 48)
         for i in range(4):
-            want_k, want_v = (t[0] for t in LayerPrefix(encoder, i, n_kv_heads=3, head_dim=2)(1))
+            want_k, want_v = (t[0] for t in LayerPrefix(encoder, i, n_kv_heads=3, head_dim=2).kv_prefix(1))
             k, v = fn(table.clone(), i, 3, 2)
             assert tuple(k.shape) == tuple(v.shape) == (3, 5, 2), \
                 f"shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (n_kv_heads, P, head_dim) = (3, 5, 2)"

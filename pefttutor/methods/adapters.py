@@ -28,6 +28,7 @@ weights: it always costs extra inference time.
     model = adapters.apply(model, size=64, placement="houlsby", train=("classifier",))
     ...train...
     adapters.save(model, "adapter.safetensors")          # adapters (+ norms, head) only
+    adapters.merge(model)                                 # refused: f sits between W_down and W_up
 
 Two block layouts are recognised by module name (the names of Hugging Face's models, so
 transformers' `LlamaForCausalLM` and `BertModel` work too):
@@ -44,24 +45,25 @@ transformers' `LlamaForCausalLM` and `BertModel` work too):
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pefttutor import checkpoint, params
+from pefttutor import params
 
-_METADATA_KEY = "pefttutor.adapters"  # the BottleneckConfig as JSON in the safetensors header
+from . import checks
+from .base import Config, Method
+
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 INITS = ("normal", "zero")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 @dataclass(frozen=True)
-class BottleneckConfig:
-    """What `apply` did; kept on the model as `model.bottleneck_config` and saved with the weights."""
+class BottleneckConfig(Config):
+    """What `apply` did, saved with the weights."""
 
     size: int  # m, the bottleneck width
     placement: str = "houlsby"
@@ -69,7 +71,14 @@ class BottleneckConfig:
     init: str = "normal"  # "zero": the up-projection starts at zero (exact identity)
     activation: str = "gelu"
     train_layernorms: bool = False  # also train every LayerNorm / RMSNorm (Houlsby et al. do)
-    train: tuple[str, ...] = ()  # modules trained in full beside the adapters (e.g. a classifier head)
+
+    def check(self) -> None:
+        checks.positive_int(self.size, "adapter size (bottleneck width m)")
+        checks.choice(self.placement, "placement", PLACEMENTS)
+        checks.number(self.sigma, "sigma (std of the initial weights)", low=0, low_open=True)
+        checks.choice(self.init, "init", INITS)
+        checks.choice(self.activation, "activation", ACTIVATIONS)
+        checks.boolean(self.train_layernorms, "train_layernorms")
 
 
 class Bottleneck(nn.Module):
@@ -99,7 +108,7 @@ class Bottleneck(nn.Module):
         return f"2md+d+m={2 * m * d + d + m:,} params"
 
 
-class AdapterWrapper(nn.Module):
+class AdapterWrapper(params.Wrapper):
     """A frozen submodule `base` with a `Bottleneck` `adapter` attached; subclasses say where."""
 
     def __init__(self, base: nn.Module, adapter: Bottleneck):
@@ -139,7 +148,7 @@ class _Layout:
 
     name: str
     marker: str  # a module of every block (its parent is the block)
-    width: str  # an nn.Linear of the block whose out_features is the hidden size d
+    width: str  # a linear layer of the block whose out_features is the hidden size d (maybe wrapped)
     sites: Mapping[str, tuple[tuple[str, type[AdapterWrapper]], ...]]  # placement -> (path, wrapper)
 
 
@@ -180,7 +189,7 @@ def _has(model: nn.Module, block: str, layout: _Layout) -> bool:
             model.get_submodule(prefix + path)
     except AttributeError:
         return False
-    return isinstance(model.get_submodule(prefix + layout.width), nn.Linear)
+    return hasattr(model.get_submodule(prefix + layout.width), "out_features")  # nn.Linear, or wrapped in LoRA
 
 
 def _norms(model: nn.Module) -> dict[str, nn.Module]:
@@ -194,106 +203,51 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterWrapper]:
     return {path: m for path, m in model.named_modules() if isinstance(m, AdapterWrapper)}
 
 
-def _check(config: BottleneckConfig) -> None:
-    if isinstance(config.size, bool) or not isinstance(config.size, int) or config.size < 1:
-        raise ValueError(f"adapter size (bottleneck width m) must be a positive integer, got {config.size!r}")
-    if config.placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {config.placement!r}; valid placements: {', '.join(PLACEMENTS)}")
-    if config.init not in INITS:
-        raise ValueError(f"unknown init {config.init!r}; valid: {', '.join(INITS)}")
-    if config.activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {config.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-    if not config.sigma > 0:
-        raise ValueError(f"sigma (std of the initial weights) must be > 0, got {config.sigma!r}")
-
-
-def apply(
-    model: nn.Module,
-    size: int,
-    placement: str = "houlsby",
-    sigma: float = 1e-2,
-    init: str = "normal",
-    activation: str = "gelu",
-    train_layernorms: bool = False,
-    train: str | Iterable[str] = (),
-) -> nn.Module:
+class Adapters(Method):
     """Insert bottleneck adapters of width `size` (m) into every transformer block; freeze the rest.
 
     `placement` is "houlsby" (two per block), "pfeiffer" or "parallel" (one per block); see the
-    module docstring. `train_layernorms=True` also trains every LayerNorm/RMSNorm; modules named in
-    `train` (e.g. "classifier") stay fully trainable. Bad settings, a model without known blocks and
-    applying twice raise ValueError. Returns the model (changed in place), with the settings
-    recorded as `model.bottleneck_config`.
+    module docstring. `train_layernorms=True` also trains (and saves) every LayerNorm/RMSNorm.
+    `load` needs size, placement, activation and train_layernorms to equal the file's (sigma and
+    init only matter before training).
     """
-    if adapter_layers(model) or hasattr(model, "bottleneck_config"):
-        raise ValueError("this model already has adapters; apply adapters once, to a fresh model")
-    config = BottleneckConfig(size=size, placement=placement, sigma=sigma, init=init, activation=activation,
-                              train_layernorms=train_layernorms,
-                              train=(train,) if isinstance(train, str) else tuple(train))
-    _check(config)
-    layout, blocks = _blocks(model)
-    sites = {(f"{b}." if b else "") + path: wrapper for b in blocks for path, wrapper in layout.sites[placement]}
-    width = model.get_submodule((f"{blocks[0]}." if blocks[0] else "") + layout.width)
-    d, like = width.out_features, {"device": width.weight.device, "dtype": width.weight.dtype}
-    if size > d:
-        raise ValueError(f"adapter size m={size} is wider than the hidden size d={d}: not a bottleneck")
-    heads = params.find_modules(model, config.train, nn.Module) if config.train else {}
-    clash = sorted(s for s in sites for h in heads if s == h or s.startswith(h + "."))
-    if clash:
-        raise ValueError(f"{clash} get adapters and are inside `train` modules {sorted(heads)}: pick one")
-    params.freeze(model)
-    for path, wrapper in sites.items():
-        base = model.get_submodule(path)
-        parent, _, name = path.rpartition(".")
-        adapter = Bottleneck(d, size, sigma, init, activation, **like)
-        setattr(model.get_submodule(parent), name, wrapper(base, adapter).train(base.training))
-    if train_layernorms:
-        for norm in _norms(model).values():
-            norm.requires_grad_(True)
-    params.unfreeze(model, config.train)
-    model.bottleneck_config = config
-    return model
+
+    name, title, Config = "adapters", "bottleneck adapters", BottleneckConfig
+    must_match = ("size", "placement", "activation", "train_layernorms")
+    cannot_merge = ("the nonlinearity f between W_down and W_up keeps the adapter out of any single "
+                    "weight matrix: it always costs extra inference time")
+
+    def _sites(self, model: nn.Module, config: BottleneckConfig) -> tuple[dict[str, type[AdapterWrapper]], int]:
+        layout, blocks = _blocks(model)
+        sites = {(f"{b}." if b else "") + path: wrapper for b in blocks for path, wrapper in layout.sites[config.placement]}
+        d = model.get_submodule((f"{blocks[0]}." if blocks[0] else "") + layout.width).out_features
+        return sites, d
+
+    def check(self, model: nn.Module, config: BottleneckConfig) -> BottleneckConfig:
+        _, d = self._sites(model, config)
+        if config.size > d:
+            raise ValueError(f"adapter size m={config.size} is wider than the hidden size d={d}: not a bottleneck")
+        return config
+
+    def attach(self, model: nn.Module, config: BottleneckConfig, init: bool = True) -> None:
+        sites, d = self._sites(model, config)
+        for path, wrapper in sites.items():
+            base = model.get_submodule(path)
+            parent, _, name = path.rpartition(".")
+            weight = next(base.parameters())
+            adapter = Bottleneck(d, config.size, config.sigma, config.init, config.activation,
+                                 device=weight.device, dtype=weight.dtype)
+            setattr(model.get_submodule(parent), name, wrapper(base, adapter).train(base.training))
+
+    def detach(self, model: nn.Module) -> None:
+        for path, layer in adapter_layers(model).items():
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer.base)
+
+    def modules(self, model: nn.Module, config: BottleneckConfig) -> dict[str, nn.Module]:
+        own = {f"{path}.adapter": layer.adapter for path, layer in adapter_layers(model).items()}
+        return {**own, **_norms(model)} if config.train_layernorms else own
 
 
-def get_config(model: nn.Module) -> BottleneckConfig:
-    """The model's BottleneckConfig; ValueError if adapters were never applied."""
-    return checkpoint.attached_config(
-        model, "bottleneck_config", BottleneckConfig, "this model has no bottleneck adapters:"
-        " call adapters.apply(model, size) first"
-    )
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: every adapter's weights and biases, the norms (if trained) and the
-    `train` modules' state. Keys are the model's own state_dict keys (`<path>.adapter.down.weight`,
-    ...); the tensors share memory with the model."""
-    config = get_config(model)
-    state = {}
-    modules = {f"{path}.adapter": layer.adapter for path, layer in adapter_layers(model).items()}
-    if config.train_layernorms:
-        modules.update(_norms(model))
-    if config.train:
-        modules.update(params.find_modules(model, config.train, nn.Module))
-    for path, module in modules.items():
-        state.update({f"{path}.{k}": v.detach() for k, v in module.state_dict().items()})
-    return state
-
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapter (see `adapter_state_dict`) and its BottleneckConfig, atomically."""
-    checkpoint.save(adapter_state_dict(model), path, _METADATA_KEY, asdict(get_config(model)))
-
-
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by `save`. Returns the model.
-
-    On a model without adapters, they are first applied with the saved settings. On a model that
-    has them, size, placement and activation must equal the saved ones (sigma and init only
-    matter before training). Keys and shapes are checked strictly (`checkpoint.load_strict`).
-    """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "bottleneck adapter", BottleneckConfig)
-    if not hasattr(model, "bottleneck_config"):
-        apply(model, **asdict(saved))
-    checkpoint.require_same(get_config(model), saved, ("size", "placement", "activation"), path, "adapter")
-    checkpoint.load_strict(adapter_state_dict(model), tensors)
-    return model
+METHOD = Adapters()
+METHOD.export(globals())

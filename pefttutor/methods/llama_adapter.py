@@ -27,40 +27,48 @@ the softmax runs in fp32. Grouped-query attention: each prompt key/value head se
 n_heads / n_kv_heads query heads. Gates are per head, as in the reference code
 (`torch.zeros(1, n_heads, 1, 1)`); peft uses one scalar gate per layer. `n_layers=None` adapts
 every layer: the paper's 30 of 32 is nearly all of LLaMA-7B, and the calculator uses the same
-default. The prompts enter through the `attn.adapter` hook (`pefttutor/models/attention.py`),
-which is computed afresh at every step, so padding and the KV cache need no special care.
+default. The prompts enter as an `attention_delta` in each adapted layer's `attn.peft` extension
+point (`pefttutor/models/attention.py`), computed afresh at every step, so padding and the KV
+cache need no special care.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttutor import checkpoint, params
 from pefttutor.models.llama import Llama, LlamaAttention
 
-_METADATA_KEY = "pefttutor.llama_adapter"  # the LlamaAdapterConfig as JSON in the safetensors header
+from . import checks
+from .base import Config, Method
+
 GATE_INITS = ("zero", "random")  # or a number: every gate starts at that value
 
 
 @dataclass(frozen=True)
-class LlamaAdapterConfig:
-    """What `apply` did; kept on the model as `model.llama_adapter_config` and saved with the weights."""
+class LlamaAdapterConfig(Config):
+    """What `apply` did, saved with the weights."""
 
-    n_tokens: int  # L, the adaption prompt length per layer
-    n_layers: int  # adapted layers, counted from the top
+    n_tokens: int = 10  # L, the adaption prompt length per layer
+    n_layers: int | None = None  # adapted layers, counted from the top (None: all, resolved by apply)
     init_gate: str | float = "zero"  # "zero" (the method), "random" (N(0, 1), the ablation) or a number
-    train: tuple[str, ...] = ()  # modules trained in full beside the adapter (e.g. "lm_head")
+
+    def check(self) -> None:
+        checks.positive_int(self.n_tokens, "n_tokens (the prompt length)")
+        if self.n_layers is not None:
+            checks.positive_int(self.n_layers, "n_layers")
+        if self.init_gate not in GATE_INITS:
+            if isinstance(self.init_gate, str):
+                raise ValueError(f"init_gate must be one of {GATE_INITS} or a number, got {self.init_gate!r}")
+            checks.number(self.init_gate, "init_gate")
 
 
 class AdaptionPrompt(nn.Module):
-    """One layer's adaption prompt P_l (L, d) and gates g_l (H,); `forward` is the `attn.adapter` hook."""
+    """One layer's adaption prompt P_l (L, d) and gates g_l (H,), in `attn.peft["llama_adapter"]`."""
 
     def __init__(self, attn: LlamaAttention, n_tokens: int):
         super().__init__()
@@ -68,7 +76,7 @@ class AdaptionPrompt(nn.Module):
         self.adaption_prompt = nn.Parameter(torch.randn(n_tokens, attn.k_proj.in_features, **like))  # P_l: (L, d)
         self.adaption_gate = nn.Parameter(torch.zeros(attn.n_heads, **like))  # g_l: (H,), one per query head
 
-    def forward(self, q: torch.Tensor, attn: LlamaAttention) -> torch.Tensor:  # q (B, H, T, hd), post-rotary
+    def attention_delta(self, q: torch.Tensor, attn: LlamaAttention) -> torch.Tensor:  # q (B, H, T, hd), post-rotary
         L, H, hd = self.adaption_prompt.shape[0], attn.n_heads, attn.hd
         k = attn.k_proj(self.adaption_prompt).view(L, attn.n_kv, hd).transpose(0, 1)  # (Hkv, L, hd), no rotary
         v = attn.v_proj(self.adaption_prompt).view(L, attn.n_kv, hd).transpose(0, 1)
@@ -88,103 +96,56 @@ def adapters(model: nn.Module) -> dict[str, AdaptionPrompt]:
     return {path: m for path, m in model.named_modules() if isinstance(m, AdaptionPrompt)}
 
 
-def apply(
-    model: nn.Module,
-    n_tokens: int = 10,
-    n_layers: int | None = None,
-    init_gate: str | float = "zero",
-    train: str | Iterable[str] = (),
-) -> nn.Module:
-    """Add an adaption prompt and gates to the top `n_layers` layers (None: all) of a pefttutor Llama.
-
-    Freezes every other parameter; modules named in `train` stay trainable. `init_gate`: "zero"
-    (LLaMA-Adapter), "random" (standard normal, the paper's ablation) or a number for every gate.
-    Returns the model (changed in place), with the settings recorded as `model.llama_adapter_config`.
-    """
-    if not isinstance(model, Llama):
-        raise ValueError(f"LLaMA-Adapter needs a pefttutor Llama (pefttutor.models.Llama; convert a transformers "
-                         f"model with Llama.from_hf), got {type(model).__name__}")
-    if adapters(model) or hasattr(model, "llama_adapter_config"):
-        raise ValueError("this model already has LLaMA-Adapter prompts; apply it once, to a fresh model")
-    layers = model.model.layers
-    n_layers = len(layers) if n_layers is None else n_layers
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= len(layers):
-        raise ValueError(f"n_layers must be an integer from 1 to the model's {len(layers)} layers, got {n_layers!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens (the prompt length) must be a positive integer, got {n_tokens!r}")
-    if not (init_gate in GATE_INITS or isinstance(init_gate, (int, float)) and not isinstance(init_gate, bool)):
-        raise ValueError(f"init_gate must be one of {GATE_INITS} or a number, got {init_gate!r}")
-    if any(layer.self_attn.adapter is not None for layer in layers):
-        raise ValueError("an attention layer's `adapter` hook is already in use")
-    config = LlamaAdapterConfig(n_tokens=n_tokens, n_layers=n_layers, init_gate=init_gate,
-                                train=(train,) if isinstance(train, str) else tuple(train))
-    if config.train:
-        params.find_modules(model, config.train, nn.Module)  # raises, listing valid names, before any change
-    params.freeze(model)
-    for layer in layers[len(layers) - n_layers:]:
-        layer.self_attn.adapter = AdaptionPrompt(layer.self_attn, n_tokens)
-    if init_gate != "zero":  # drawn after all prompts, so a seed gives the same prompts whatever the gates
-        with torch.no_grad():
-            for adapter in adapters(model).values():
-                if init_gate == "random":
-                    adapter.adaption_gate.normal_()
-                else:
-                    adapter.adaption_gate.fill_(float(init_gate))
-    params.unfreeze(model, config.train)
-    model.llama_adapter_config = config
-    return model
-
-
-def get_config(model: nn.Module) -> LlamaAdapterConfig:
-    """The model's LlamaAdapterConfig; ValueError if LLaMA-Adapter was never applied."""
-    return checkpoint.attached_config(
-        model, "llama_adapter_config", LlamaAdapterConfig, "this model has no LLaMA-Adapter:"
-        " call llama_adapter.apply(model) first"
-    )
-
-
 def gates(model: nn.Module) -> torch.Tensor:
     """The gates of the adapted layers, bottom to top: (n_layers, n_heads), detached, on CPU in fp32."""
-    get_config(model)
+    METHOD.get_config(model)
     return torch.stack([a.adaption_gate.detach().float().cpu() for a in adapters(model).values()])
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: every layer's prompt and gates, plus the `train` modules' state.
+class LlamaAdapter(Method):
+    """Add an adaption prompt and gates to the top `n_layers` layers (None: all) of a pefttutor Llama.
 
-    Keys are the model's own state_dict keys (`model.layers.29.self_attn.adapter.adaption_prompt`,
-    `....adaption_gate`, `<train path>.weight`, ...); the tensors share memory with the model.
+    `init_gate`: "zero" (LLaMA-Adapter), "random" (standard normal, the paper's ablation) or a
+    number for every gate. `load` needs n_tokens and n_layers to equal the file's (init_gate may
+    differ: the loaded gates replace it).
     """
-    config = get_config(model)
-    state = {}
-    for path, adapter in adapters(model).items():
-        state[f"{path}.adaption_prompt"] = adapter.adaption_prompt.detach()
-        state[f"{path}.adaption_gate"] = adapter.adaption_gate.detach()
-    state.update(checkpoint.module_state(model, config.train))
-    return state
+
+    name, title, Config = "llama_adapter", "LLaMA-Adapter", LlamaAdapterConfig
+    must_match = ("n_tokens", "n_layers")
+    cannot_merge = ("the gated adaption attention is a second softmax over the prompts, added to every "
+                    "adapted layer's attention output: no frozen weight can hold it")
+
+    def check(self, model: nn.Module, config: LlamaAdapterConfig) -> LlamaAdapterConfig:
+        if not isinstance(model, Llama):
+            raise ValueError(f"LLaMA-Adapter needs a pefttutor Llama (pefttutor.models.Llama; convert a transformers "
+                             f"model with Llama.from_hf), got {type(model).__name__}")
+        n = len(model.model.layers)
+        if config.n_layers is None:
+            return replace(config, n_layers=n)
+        if config.n_layers > n:
+            raise ValueError(f"n_layers must be an integer from 1 to the model's {n} layers, got {config.n_layers!r}")
+        return config
+
+    def attach(self, model: nn.Module, config: LlamaAdapterConfig, init: bool = True) -> None:
+        layers = model.model.layers
+        for layer in layers[len(layers) - config.n_layers:]:
+            layer.self_attn.peft[self.name] = AdaptionPrompt(layer.self_attn, config.n_tokens)
+        if config.init_gate != "zero":  # drawn after all prompts, so a seed gives the same prompts whatever the gates
+            with torch.no_grad():
+                for adapter in adapters(model).values():
+                    if config.init_gate == "random":
+                        adapter.adaption_gate.normal_()
+                    else:
+                        adapter.adaption_gate.fill_(float(config.init_gate))
+
+    def detach(self, model: nn.Module) -> None:
+        for layer in model.model.layers:
+            if self.name in layer.self_attn.peft:
+                del layer.self_attn.peft[self.name]
+
+    def modules(self, model: nn.Module, config: LlamaAdapterConfig) -> dict[str, nn.Module]:
+        return adapters(model)
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy `tensors` into the model's adapter, strictly (`checkpoint.load_strict`): exactly the keys
-    of `adapter_state_dict(model)`, each with `prefix` in front, else ValueError and nothing loaded."""
-    checkpoint.load_strict(adapter_state_dict(model), tensors, prefix)
-
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapter (see `adapter_state_dict`) and its config to a safetensors file, atomically."""
-    checkpoint.save(adapter_state_dict(model), path, _METADATA_KEY, asdict(get_config(model)))
-
-
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by `save`. Returns the model.
-
-    On a model without LLaMA-Adapter, it is first applied with the saved settings. On a model that
-    has it, n_tokens and n_layers must equal the saved ones (init_gate may differ: the loaded gates
-    replace it). Keys and shapes are checked strictly (`load_adapter_state_dict`).
-    """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LLaMA-Adapter", LlamaAdapterConfig)
-    if not hasattr(model, "llama_adapter_config"):
-        apply(model, **asdict(saved))
-    checkpoint.require_same(get_config(model), saved, ("n_tokens", "n_layers"), path, "LLaMA-Adapter")
-    load_adapter_state_dict(model, tensors)
-    return model
+METHOD = LlamaAdapter()
+METHOD.export(globals())

@@ -12,6 +12,9 @@ folded into W0 (`merge`) and inference costs nothing extra.
     ...train...
     lora.save(model, "adapter.safetensors")                         # a few MB, not the model
     lora.merge(model)                                               # W0 <- W0 + (alpha/r) B A
+    lora.remove(model)                                              # (unmerged) the base model back
+
+`apply`, `save`, `load`, `merge` and the rest are the contract every method keeps (`base.py`).
 
 Parameter names follow HF peft, so an export is just a key prefix (see `pefttutor.interop`):
 the layer at `model.layers.0.self_attn.q_proj` holds A at `...q_proj.lora_A.weight` and B at
@@ -21,29 +24,34 @@ the layer at `model.layers.0.self_attn.q_proj` holds A at `...q_proj.lora_A.weig
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pefttutor import checkpoint, params
+from pefttutor import params
 
-_METADATA_KEY = "pefttutor.lora"  # the LoRAConfig as JSON in the safetensors header
+from . import checks
+from .base import Config, Method
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
-    """What `apply` did; kept on the model as `model.lora_config` and saved with the weights."""
+class LoRAConfig(Config):
+    """What `apply` did, saved with the weights."""
 
     targets: tuple[str, ...]  # module-path suffixes of the adapted nn.Linear layers
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     rslora: bool = False
-    train: tuple[str, ...] = ()  # modules trained in full beside LoRA (e.g. a classifier head)
+
+    def check(self) -> None:
+        self._set("targets", checks.names(self.targets, "targets"))
+        checks.positive_int(self.r, "LoRA rank r")
+        checks.number(self.alpha, "alpha", nonzero=True)  # alpha = 0 would zero the update: nothing trains
+        checks.number(self.dropout, "dropout", low=0, high=1, high_open=True)
+        checks.boolean(self.rslora, "rslora")
 
 
 def scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -52,7 +60,7 @@ def scaling(r: int, alpha: float, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(params.Wrapper):
     """h = W0 x + b + s B A x with s = alpha / r (or alpha / sqrt(r) with rsLoRA).
 
     - W0, b: the frozen pretrained `nn.Linear`, kept whole as `self.base` (W0 = `self.base.weight`).
@@ -62,16 +70,19 @@ class LoRALinear(nn.Module):
     - B (d_out x r) = `self.lora_B.weight`: zeros, so the layer starts equal to the base layer.
     - Dropout (if any) acts on the input of the LoRA path only, in training mode only.
 
-    `merge()` folds s B A into W0 for free inference; `unmerge()` takes it out again.
+    `merge()` folds s B A into W0 for free inference; `unmerge()` takes it out again. Whether the
+    layer is merged travels with its `state_dict()` (an extra state), so a merged model's weights
+    loaded into an unmerged LoRA model do not count the update twice.
     """
 
     def __init__(
         self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False
     ):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        checks.positive_int(r, "LoRA rank r")
         d_out, d_in = base.weight.shape
+        if r > min(d_in, d_out):
+            raise ValueError(f"LoRA rank r={r} is above min(d_in, d_out) = {min(d_in, d_out)}: B A would not be low-rank")
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.base = base  # W0: (d_out, d_in), b: (d_out,)
         self.lora_A = nn.Linear(d_in, r, bias=False, **like)  # A: (r, d_in)
@@ -82,6 +93,12 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = scaling(r, alpha, rslora)
         self.merged = False
+
+    # the wrapped layer's attributes, so code that reads a projection's shape or weight works on it too
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """s B A: (d_out, r) @ (r, d_in) -> (d_out, d_in), the learned update of W0."""
@@ -110,6 +127,12 @@ class LoRALinear(nn.Module):
             self.base.weight -= self.delta_weight()
             self.merged = False
 
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
+
     def extra_repr(self) -> str:
         d_out, d_in = self.base.weight.shape
         n = self.r * (d_in + d_out)
@@ -121,111 +144,48 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply(
-    model: nn.Module,
-    targets: str | Iterable[str],
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    train: str | Iterable[str] = (),
-) -> nn.Module:
+class LoRA(Method):
     """Wrap every nn.Linear whose path ends with one of `targets` in a LoRALinear; freeze the rest.
 
-    Modules named in `train` (e.g. "classifier") stay fully trainable. Works on any nn.Module.
-    A target that matches nothing raises ValueError listing the valid names; so does applying twice.
-    Returns the model (changed in place), with the settings recorded as `model.lora_config`.
+    Works on any nn.Module. Merging is refused for a W0 shared with another module (a tied
+    lm_head): it would change that one too. `load` needs r, alpha and rslora to equal the file's
+    (dropout may differ: it only acts in training).
     """
-    if lora_layers(model) or hasattr(model, "lora_config"):
-        raise ValueError("this model already has LoRA layers; apply LoRA once, to a fresh model")
-    config = LoRAConfig(
-        targets=(targets,) if isinstance(targets, str) else tuple(targets),
-        r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-        train=(train,) if isinstance(train, str) else tuple(train),
-    )
-    layers = params.find_modules(model, config.targets)  # raises, listing valid names, on a typo
-    heads = params.find_modules(model, config.train, nn.Module) if config.train else {}
-    clash = sorted(p for p in layers for h in heads if p == h or p.startswith(h + "."))
-    if clash:
-        raise ValueError(f"{clash} are both LoRA targets and inside `train` modules {sorted(heads)}: pick one")
-    params.freeze(model)
-    for path, linear in layers.items():
-        parent, _, name = path.rpartition(".")
-        new = LoRALinear(linear, r, alpha, dropout, rslora).train(linear.training)  # keep eval/train mode
-        setattr(model.get_submodule(parent), name, new)
-    params.unfreeze(model, config.train)
-    model.lora_config = config
-    return model
+
+    name, title, Config = "lora", "LoRA", LoRAConfig
+    must_match = ("r", "alpha", "rslora")
+
+    def attach(self, model: nn.Module, config: LoRAConfig, init: bool = True) -> None:
+        # a typo in `targets` lists the valid names; r above min(d_in, d_out) is refused by LoRALinear
+        for path, linear in params.find_modules(model, config.targets).items():
+            parent, _, name = path.rpartition(".")
+            new = LoRALinear(linear, config.r, config.alpha, config.dropout, config.rslora)
+            setattr(model.get_submodule(parent), name, new.train(linear.training))  # keep eval/train mode
+
+    def detach(self, model: nn.Module) -> None:
+        for path, layer in lora_layers(model).items():
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer.base)
+
+    def modules(self, model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
+        return {f"{path}.{part}": getattr(layer, part) for path, layer in lora_layers(model).items()
+                for part in ("lora_A", "lora_B")}
+
+    def merged(self, model: nn.Module) -> bool:
+        return any(layer.merged for layer in lora_layers(model).values())
+
+    def _merge(self, model: nn.Module) -> None:
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        tied = sorted(path for path, layer in lora_layers(model).items() if uses[id(layer.base.weight)] > 1)
+        if tied:
+            raise ValueError(f"cannot merge into {tied}: W0 is tied to another module, which merging would change")
+        for layer in lora_layers(model).values():
+            layer.merge()
+
+    def _unmerge(self, model: nn.Module) -> None:
+        for layer in lora_layers(model).values():
+            layer.unmerge()
 
 
-def get_config(model: nn.Module) -> LoRAConfig:
-    """The model's LoRAConfig; ValueError if LoRA was never applied."""
-    return checkpoint.attached_config(
-        model, "lora_config", LoRAConfig, "this model has no LoRA: call lora.apply(model, targets) first"
-    )
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold s B A into W0 in every LoRA layer (idempotent). Use with model.eval().
-
-    Refused for a W0 shared with another module (a tied lm_head): merging would change that one too.
-    """
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    tied = sorted(path for path, layer in lora_layers(model).items() if uses[id(layer.base.weight)] > 1)
-    if tied:
-        raise ValueError(f"cannot merge into {tied}: W0 is tied to another module, which merging would change")
-    for layer in lora_layers(model).values():
-        layer.merge()
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo `merge` (idempotent): W0 back to the pretrained weights up to float rounding."""
-    for layer in lora_layers(model).values():
-        layer.unmerge()
-    return model
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: A and B of every LoRA layer plus the `train` modules' state.
-
-    Keys are the model's own state_dict keys (`<path>.lora_A.weight`, `<path>.lora_B.weight`,
-    `<train path>.weight`, ...); the tensors share memory with the model.
-    """
-    config = get_config(model)
-    state = {}
-    for path, layer in lora_layers(model).items():
-        state[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
-    heads = params.find_modules(model, config.train, nn.Module) if config.train else {}
-    for path, module in heads.items():
-        state.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
-    return state
-
-
-def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy `tensors` into the model's adapter, strictly (`checkpoint.load_strict`): exactly the keys
-    of `adapter_state_dict(model)`, each with `prefix` in front, else ValueError and nothing loaded."""
-    if any(layer.merged for layer in lora_layers(model).values()):
-        raise ValueError("cannot load into a merged model: call lora.unmerge(model) first")
-    checkpoint.load_strict(adapter_state_dict(model), tensors, prefix)
-
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapter (see `adapter_state_dict`) and its LoRAConfig to a safetensors file, atomically."""
-    checkpoint.save(adapter_state_dict(model), path, _METADATA_KEY, asdict(get_config(model)))
-
-
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by `save`. Returns the model.
-
-    On a model without LoRA, LoRA is first applied with the saved settings. On a model that has
-    LoRA, r, alpha and rslora must equal the saved ones (dropout may differ: it only acts in
-    training). Keys and shapes are checked strictly (`load_adapter_state_dict`).
-    """
-    saved, tensors = checkpoint.read(path, _METADATA_KEY, "LoRA", LoRAConfig)
-    if not hasattr(model, "lora_config"):
-        apply(model, **asdict(saved))
-    checkpoint.require_same(get_config(model), saved, ("r", "alpha", "rslora"), path, "LoRA")
-    load_adapter_state_dict(model, tensors)
-    return model
+METHOD = LoRA()
+METHOD.export(globals())

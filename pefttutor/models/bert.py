@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, get_prefix
+from .attention import Attention, attend, forward_scope, get_prefix, input_prefix
 
 
 @dataclass
@@ -59,26 +59,23 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(Attention):
     """Bidirectional multi-head self-attention.
 
-    PEFT hooks (contract in `pefttutor/models/attention.py`), both None by default:
-      prefix:  prefix(B) -> (k, v), each (B, H, P, hd); prepended to this layer's keys/values and
-               always visible. Positions are not shifted (pass `position_ids` to Bert.forward to
-               reproduce HF, which starts positions at P when the prefix comes in as a cache).
-      adapter: adapter(q, attn) -> (B, H, T, hd), added to the attention output before
-               `attention.output.dense`; q is (B, H, T, hd), attn is this module.
+    Extensions in `self.peft` (contract in `pefttutor/models/attention.py`): a `kv_prefix` is
+    prepended to this layer's keys/values and always visible. Positions are not shifted (pass
+    `position_ids` to Bert.forward to reproduce HF, which starts positions at P when the prefix
+    comes in as a cache). An `attention_delta(q, attn)` is added to the attention output before
+    `attention.output.dense`.
     """
 
     def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.n_heads, self.hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        n_heads = cfg.num_attention_heads
+        super().__init__(n_heads, n_heads, cfg.hidden_size // n_heads)  # no grouped-query attention
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
-        self.prefix = None
-        self.adapter = None
 
     def forward(self, x, mask):  # x (B, T, d), mask bool (B, 1, 1, T) or None
         B, T, d = x.shape
@@ -145,11 +142,11 @@ class BertPooler(nn.Module):
 class Bert(nn.Module):
     """Encoder: embeddings (word + position + token type) -> N x post-LN blocks; last hidden states.
 
-    Input hook for soft prompts, None by default:
-      soft_prompt: soft_prompt(B) -> (B, P, d). Its P vectors are prepended to the word
-               embeddings *before* position and token-type embeddings are added, as HF peft does:
-               virtual tokens take positions 0..P-1 and token type 0, real tokens start at P. P ones
-               are prepended to the attention mask; hidden states come back for the real tokens only.
+    Extensions in `self.peft` (contract in `pefttutor/models/attention.py`): an `input_prefix(B)`
+    -> (B, P, d) gives virtual tokens, prepended to the word embeddings *before* position and
+    token-type embeddings are added, as HF peft does: virtual tokens take positions 0..P-1 and
+    token type 0, real tokens start at P. P ones are prepended to the attention mask; hidden
+    states come back for the real tokens only.
     """
 
     def __init__(self, config: BertConfig):
@@ -158,7 +155,7 @@ class Bert(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))))
         self.pooler = BertPooler(config)
-        self.soft_prompt = None
+        self.peft = nn.ModuleDict()  # the model-level extension point
         self.apply(self._init_weights)
 
     @staticmethod
@@ -187,11 +184,13 @@ class Bert(nn.Module):
         return self.embeddings.word_embeddings
 
     def _prepend_soft_prompt(self, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids):
-        """The `soft_prompt` hook: the same five inputs, each extended by the P virtual tokens, and P."""
-        if self.soft_prompt is None:
+        """The extensions' `input_prefix`: the same five inputs, each extended by the P virtual tokens, and P."""
+        B = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        prompt = input_prefix(self.peft, B)  # (B, P, d) or None
+        if prompt is None:
             return input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids, 0
         x = self.embeddings.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        prompt = self.soft_prompt(x.shape[0]).to(x.dtype)  # (B, P, d)
+        prompt = prompt.to(x.dtype)
         B, P = prompt.shape[:2]
         front = torch.zeros(B, P, dtype=torch.long, device=x.device)  # (B, P)
         if attention_mask is not None:
@@ -211,6 +210,10 @@ class Bert(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, d) instead of input_ids
         position_ids: torch.Tensor | None = None,  # (B|1, T), default 0..T-1
     ) -> torch.Tensor:  # last hidden states (B, T, d)
+        with forward_scope(self.peft):
+            return self._forward(input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids)
+
+    def _forward(self, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids):
         input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids, P = self._prepend_soft_prompt(
             input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids)
         x = self.embeddings(input_ids, token_type_ids, inputs_embeds, position_ids)  # (B, P + T, d)

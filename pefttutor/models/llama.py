@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, get_prefix
+from .attention import Attention, attend, forward_scope, get_prefix, input_prefix
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each (B, Hkv, S, hd), after rotary
 
@@ -88,27 +88,23 @@ def apply_rotary(x, cos, sin):  # x (B, heads, T, hd)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Attention):
     """Grouped-query causal self-attention with rotary positions.
 
-    PEFT hooks (contract in `pefttutor/models/attention.py`), both None by default:
-      prefix:  prefix(B) -> (k, v), each (B, Hkv, P, hd); prepended to this layer's keys/values,
-               always visible, no rotary. The real tokens' rope positions shift by P, exactly as
-               HF does when the prefix arrives as `past_key_values` of length P (and an attention
-               mask extended by P ones). Not stored in the KV cache; re-prepended every step.
-      adapter: adapter(q, attn) -> (B, H, T, hd), added to the attention output before o_proj;
-               q is post-rotary (B, H, T, hd), attn is this module.
+    Extensions in `self.peft` (contract in `pefttutor/models/attention.py`): a `kv_prefix` is
+    prepended to this layer's keys/values, always visible, no rotary; the real tokens' rope
+    positions shift by its length P, exactly as HF does when the prefix arrives as
+    `past_key_values` of length P (and an attention mask extended by P ones). It is not stored in
+    the KV cache but re-prepended every step. An `attention_delta(q, attn)` (q post-rotary) is
+    added to the attention output before o_proj.
     """
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        super().__init__(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
-        self.prefix = None
-        self.adapter = None
 
     def forward(self, x, rope_at, mask, is_causal, cache=None):  # x (B, T, d)
         B, T, _ = x.shape
@@ -154,13 +150,12 @@ class LlamaDecoderLayer(nn.Module):
 class Llama(nn.Module):
     """Decoder-only LM: embed -> N x (attention, SwiGLU) pre-norm blocks -> norm -> lm_head.
 
-    Input hook for soft prompts, None by default:
-      soft_prompt: soft_prompt(B) -> (B, P, d). When there is no cache, its P vectors are
-               prepended to the token embeddings as virtual tokens at positions 0..P-1 (real
-               tokens start at P) and enter the KV cache like any token. The attention mask the
-               caller passes covers only the real tokens (cached + new); P ones are prepended to it,
-               also while decoding from a cache that holds the virtual tokens. Logits are returned
-               for the real tokens only, so losses, scoring and `generate` work unchanged.
+    Extensions in `self.peft` (contract in `pefttutor/models/attention.py`): an `input_prefix(B)`
+    -> (B, P, d) gives virtual tokens. When there is no cache, they are prepended to the token
+    embeddings at positions 0..P-1 (real tokens start at P) and enter the KV cache like any
+    token. The attention mask the caller passes covers only the real tokens (cached + new); P ones
+    are prepended to it, also while decoding from a cache that holds the virtual tokens. Logits
+    are returned for the real tokens only, so losses, scoring and `generate` work unchanged.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -173,7 +168,7 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        self.soft_prompt = None
+        self.peft = nn.ModuleDict()  # the model-level extension point
         self.apply(self._init_weights)
         if config.tie_word_embeddings:  # one matrix both embeds tokens and scores them
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -221,11 +216,12 @@ class Llama(nn.Module):
         return positions, mask, False
 
     def _prepend_soft_prompt(self, x, attention_mask, past):
-        """The `soft_prompt` hook: (x, attention_mask, P) with the P virtual tokens put in front of
-        x (B, T, d) when nothing is cached yet, and P ones in front of the mask (B, past - P + T)."""
-        if self.soft_prompt is None:
+        """The extensions' `input_prefix`: (x, attention_mask, P) with the P virtual tokens put in front
+        of x (B, T, d) when nothing is cached yet, and P ones in front of the mask (B, past - P + T)."""
+        prompt = input_prefix(self.peft, x.shape[0])  # (B, P, d) or None
+        if prompt is None:
             return x, attention_mask, 0
-        prompt = self.soft_prompt(x.shape[0]).to(x.dtype)  # (B, P, d)
+        prompt = prompt.to(x.dtype)
         P = prompt.shape[1]
         if past == 0:  # with a cache, the virtual tokens are already in it
             x = torch.cat([prompt, x], dim=1)  # (B, P + T, d)
@@ -252,6 +248,10 @@ class Llama(nn.Module):
         scores only where a label is (the target tokens), and the head (d x vocab) is the model's
         largest matrix product per token, so this saves its compute and the (B, T, vocab) logits.
         """
+        with forward_scope(self.peft):
+            return self._forward(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache, logits_at)
+
+    def _forward(self, input_ids, attention_mask, inputs_embeds, past_key_values, use_cache, logits_at):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         x, attention_mask, P = self._prepend_soft_prompt(x, attention_mask, past)

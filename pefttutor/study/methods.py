@@ -14,13 +14,12 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import params
-from ..methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+from .. import methods, params
+from ..methods import lora, prefix_tuning
 
 HEAD = "classifier"
-METHODS = ("untuned", "full", "head", "features", "prompt_tuning", "prefix_tuning", "adapters", "lora", "llama_adapter")
-_MODULES = {"prompt_tuning": prompt_tuning, "prefix_tuning": prefix_tuning, "adapters": adapters, "lora": lora,
-            "llama_adapter": llama_adapter}
+BASELINES = ("untuned", "full", "head", "features")  # no PEFT method: nothing or everything trains
+METHODS = (*BASELINES, *methods.METHODS)
 
 
 def _head(model: nn.Module) -> tuple[str, ...]:
@@ -38,9 +37,7 @@ def build(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
         params.freeze(model)
         params.unfreeze(model, _head(model))
         return model
-    if name == "lora":
-        settings["targets"] = tuple(settings["targets"])
-    return _MODULES[name].apply(model, **settings, train=_head(model))
+    return methods.get(name).apply(model, **settings, train=_head(model))
 
 
 def for_inference(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
@@ -70,4 +67,4 @@ def save(model: nn.Module, spec: dict[str, Any], path: Path) -> None:
     elif name in ("head", "features"):
         save_file({k: v.contiguous() for k, v in model.get_submodule(HEAD).state_dict().items()}, path)
     else:
-        _MODULES[name].save(model, path)
+        methods.get(name).save(model, path)

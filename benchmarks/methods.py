@@ -1,0 +1,144 @@
+"""What is compared: the two implementations, the training methods and the inference variants, each
+as pefttutor applies it and as peft does, and the labels RESULTS.md gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from pefttutor.methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+
+from kits import Kit
+
+IMPLS = ("pefttutor", "peft")
+
+
+def _peft(model: nn.Module, config) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(model, config)
+
+
+def _task_type(kit: Kit) -> str:
+    return "CAUSAL_LM" if kit.causal else "FEATURE_EXTRACTION"
+
+
+def _full(model: nn.Module, kit: Kit) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_ours(targets: str, r: int = 8) -> Callable:
+    return lambda model, kit: lora.apply(model, getattr(kit, targets), r=r, alpha=2 * r, train=kit.train_heads)
+
+
+def lora_peft(targets: str, r: int = 8) -> Callable:
+    def apply(model, kit):
+        import peft
+
+        return _peft(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(getattr(kit, targets))))
+
+    return apply
+
+
+def _prompt_tuning_peft(model, kit):
+    import peft
+
+    return _peft(model, peft.PromptTuningConfig(task_type=_task_type(kit), num_virtual_tokens=20))
+
+
+def _prefix_peft(model, kit):
+    import peft
+
+    return _peft(model, peft.PrefixTuningConfig(
+        task_type=_task_type(kit), num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=512))
+
+
+def _llama_adapter_peft(model, kit):
+    import peft
+
+    return _peft(model, peft.AdaptionPromptConfig(
+        task_type="CAUSAL_LM", adapter_len=10, adapter_layers=model.config.num_hidden_layers))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked method: `ours(model, kit)` / `peft(hf_model, kit)` return the model to train."""
+
+    label: str
+    ours: Callable[[nn.Module, Kit], nn.Module]
+    peft: Callable[[nn.Module, Kit], nn.Module] | None  # None: peft has no such method
+    models: tuple[str, ...] = ("smollm2", "minilm")
+
+    def apply(self, impl: str) -> Callable[[nn.Module, Kit], nn.Module]:
+        return self.ours if impl == "pefttutor" else self.peft
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        return IMPLS if self.peft is not None else ("pefttutor",)
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full finetuning", _full, _full),
+    "lora_qv": Method("LoRA Wq,Wv r=8", lora_ours("qv"), lora_peft("qv")),
+    "lora_all": Method("LoRA all linear r=8", lora_ours("all_linear"), lora_peft("all_linear")),
+    "prompt_tuning": Method(
+        "soft prompt (20 tokens)", lambda m, kit: prompt_tuning.apply(m, 20, train=kit.train_heads), _prompt_tuning_peft),
+    "prefix_tuning": Method(
+        "prefix (20 tokens, MLP 512)",
+        lambda m, kit: prefix_tuning.apply(m, 20, reparam=True, hidden=512, train=kit.train_heads), _prefix_peft),
+    "llama_adapter": Method(
+        "LLaMA-Adapter (10 tokens, all layers)",
+        lambda m, kit: llama_adapter.apply(m, n_tokens=10, n_layers=m.config.num_hidden_layers),
+        _llama_adapter_peft, models=("smollm2",)),
+}
+
+# Inference variants: base model, LoRA unmerged / merged, bottleneck adapters (pefttutor only: peft
+# has no bottleneck adapters). `ours(model, kit)` / `peft(hf, kit)` return the eval-mode model.
+
+
+def _merged_ours(targets: str) -> Callable:
+    return lambda model, kit: lora.merge(lora_ours(targets)(model, kit))
+
+
+def _merged_peft(targets: str) -> Callable:
+    return lambda model, kit: lora_peft(targets)(model, kit).merge_and_unload()
+
+
+def _adapters(placement: str) -> Callable:
+    def apply(model, kit):  # size 64, or less on a tiny model (a bottleneck must be narrower than d)
+        size = min(64, kit.ours.config.hidden_size // 4)
+        return adapters.apply(model, size, placement=placement, train=kit.train_heads)
+
+    return apply
+
+
+VARIANTS: dict[str, Method] = {
+    "base": Method("base model", lambda m, kit: m, lambda m, kit: m),  # timed in every group's loop
+    "lora_qv": Method("LoRA Wq,Wv r=8, unmerged", lora_ours("qv"), lora_peft("qv")),
+    "lora_qv_merged": Method("LoRA Wq,Wv r=8, merged", _merged_ours("qv"), _merged_peft("qv")),
+    "lora_all": Method("LoRA all linear r=8, unmerged", lora_ours("all_linear"), lora_peft("all_linear")),
+    "lora_all_merged": Method("LoRA all linear r=8, merged", _merged_ours("all_linear"), _merged_peft("all_linear")),
+    **{f"adapters_{p}": Method(f"bottleneck adapters, {p}, size 64", _adapters(p), None)
+       for p in ("houlsby", "pfeiffer", "parallel")},
+}
+
+# timed together with the base models, one loop per group (a loop holds every model of its group)
+LATENCY_GROUPS = (("lora_qv", "lora_qv_merged"), ("lora_all", "lora_all_merged"),
+                  ("adapters_houlsby", "adapters_pfeiffer", "adapters_parallel"))
+
+
+def base_key(key: str) -> str:
+    """The METHODS key of a record's method ("lora_qv+bf16" -> "lora_qv")."""
+    return key.split("+", 1)[0]
+
+
+def label(key: str) -> str:
+    """A record's method as RESULTS.md names it (training rows carry "+<autocast>" after the key)."""
+    base, _, autocast = key.partition("+")
+    if base in METHODS:
+        return METHODS[base].label + (f", {autocast} autocast" if autocast else "")
+    return VARIANTS[key].label if key in VARIANTS else key
