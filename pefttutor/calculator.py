@@ -38,7 +38,10 @@ A tied output layer (the token-embedding matrix reused as the LM head) is counte
 * "adapters": adapters * (2 m d + d + m) with bottleneck `size` m (Houlsby et al. 2019: down- and
   up-projection with biases); "houlsby" puts two in every layer, "pfeiffer" and "parallel" one;
 * "llama_adapter": n_layers * (n_tokens * d_model + n_heads) (Zhang et al. 2023: an adaption
-  prompt and a per-head zero-init gate in each of the top n_layers layers).
+  prompt and a per-head zero-init gate in each of the top n_layers layers);
+* "dora": LoRA's count plus d_out per adapted matrix, the magnitude vector (Liu et al. 2024);
+* "ia3": one number per scaled feature: d_out per target, d_in per `feedforward` target (Liu et al.
+  2022: keys, values and the feed-forward output projection's input by default).
 
 Sizes are in bytes; `gb()` divides by 1e9 (decimal gigabytes, as GPU memory is quoted).
 """
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "momentum": 1, "sgd": 0}
 FAMILIES = ("llama", "bert", "roberta", "gpt")
-METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "adapters", "llama_adapter")
+METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "adapters", "llama_adapter", "dora", "ia3")
 PLACEMENTS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per layer
 # `peft_params`' hyperparameters per method, with their defaults
 HPARAMS = {
@@ -61,6 +64,8 @@ HPARAMS = {
     "prefix_tuning": {"n_tokens": 20, "reparam": False, "hidden": 512},
     "adapters": {"size": 64, "placement": "houlsby"},
     "llama_adapter": {"n_tokens": 10, "n_layers": None},  # None: every layer
+    "dora": {"r": 8, "targets": ("q", "v")},
+    "ia3": {"targets": ("k", "v", "down"), "feedforward": ("down",)},
 }
 
 # Canonical names of a block's weight matrices, and the module names they go by in our models / HF.
@@ -238,13 +243,16 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
 
     full                                     every parameter (`total_params`)
     lora(r=8, targets=("q", "v"))            n_layers * sum over targets of r (d_in + d_out)
-    prompt(n_tokens=20)                      n_tokens * d_model
-    prefix(n_tokens=20, reparam=False, hidden=512)
+    prompt_tuning(n_tokens=20)               n_tokens * d_model
+    prefix_tuning(n_tokens=20, reparam=False, hidden=512)
                                              2 n_layers n_tokens kv_dim; with reparam the MLP's
                                              n kv_dim + (kv_dim + 1) hidden + (hidden + 1) 2 n_layers kv_dim
-    adapter(size=64, placement="houlsby")    per_layer * n_layers * (2 size d_model + d_model + size)
+    adapters(size=64, placement="houlsby")   per_layer * n_layers * (2 size d_model + d_model + size)
     llama_adapter(n_tokens=10, n_layers=None)
                                              n_layers * (n_tokens * d_model + n_heads); None = all layers
+    dora(r=8, targets=("q", "v"))            lora's count + n_layers * sum over targets of d_out
+    ia3(targets=("k", "v", "down"), feedforward=("down",))
+                                             n_layers * sum over targets of d_out (d_in if feedforward)
     """
     a = get_arch(arch)
     if method not in HPARAMS:
@@ -256,8 +264,12 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
     d, L = a.d_model, a.n_layers
     if method == "full":
         return total_params(a)
-    if method == "lora":
-        return lora_params(a, **h)
+    if method in ("lora", "dora"):
+        magnitudes = L * sum(block_linears(a)[t][1] for t in _canonical(h["targets"], a)) if method == "dora" else 0
+        return lora_params(a, **h) + magnitudes
+    if method == "ia3":
+        shapes, feedforward = block_linears(a), set(_canonical(h["feedforward"], a)) if h["feedforward"] else set()
+        return L * sum(shapes[t][0] if t in feedforward else shapes[t][1] for t in _canonical(h["targets"], a))
     if method == "prompt_tuning":
         return h["n_tokens"] * d
     if method == "prefix_tuning":

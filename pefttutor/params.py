@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 
@@ -16,6 +17,61 @@ class Wrapper(nn.Module):
     """A module that wraps a frozen module, kept as `self.base` (its path gains a `.base`)."""
 
     base: nn.Module
+    reads_base_weight = False  # True: it computes with or merges into base.weight, so base must stay a plain Linear
+
+
+class LinearWrapper(Wrapper):
+    """A wrapper of an nn.Linear that can merge into its weight (LoRA, DoRA, IA3).
+
+    It shows the wrapped layer's shape and weight, so code that reads a projection's shape works on
+    it too; whether it is merged travels with its `state_dict()` (an extra state), so a merged
+    model's weights loaded into an unmerged model do not count the update twice.
+    """
+
+    reads_base_weight = True
+    merged = False
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
+
+    def refuse_training_when_merged(self, method: str) -> None:
+        if self.merged and self.training:  # the update is gone into W0: no dropout, no gradient to it
+            raise RuntimeError(f"a merged {method} layer is for inference: call model.eval(), "
+                               f"or {method.lower()}.unmerge(model) to train")
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.merged = bool(state)
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+
+
+def wrap_linears(model: nn.Module, targets, make) -> None:
+    """Replace every nn.Linear matching `targets` by `make(linear)` (in the same train/eval mode).
+
+    Refused inside a wrapper that reads its base's weight (LoRA, DoRA, IA3 on one layer): the outer
+    one would compute with, or merge into, a W0 that no longer is the layer.
+    """
+    found = find_modules(model, targets)  # a typo lists the valid names
+    taken = {p: type(model.get_submodule(p.rpartition(".")[0])).__name__ for p in found
+             if getattr(model.get_submodule(p.rpartition(".")[0]), "reads_base_weight", False)}
+    if taken:
+        raise ValueError(f"{sorted(taken)} already carry {sorted(set(taken.values()))}: one low-rank or scaling "
+                         "update per layer (it reads and merges into W0)")
+    for path, linear in found.items():
+        replace_module(model, path, make(linear).train(linear.training))
+
+
+def unwrap(model: nn.Module, wrappers: dict[str, Wrapper]) -> None:
+    """Put back what each wrapper (by path) wraps."""
+    for path, wrapper in wrappers.items():
+        replace_module(model, path, wrapper.base)
 
 
 def canonical_path(model: nn.Module, path: str) -> str:

@@ -186,16 +186,22 @@ METHOD_CONFIGS = [
     ("adapters", {"size": 16, "placement": "pfeiffer"}),
     ("adapters", {"size": 8, "placement": "parallel"}),
     ("llama_adapter", {"n_tokens": 10, "n_layers": 4}),
+    ("dora", {"r": 4, "targets": ("q", "v")}),
+    ("ia3", {"targets": ("k", "v", "down"), "feedforward": ("down",)}),
 ]
+NAMES = {"llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "down": "down_proj"},
+         "bert": {"q": "query", "k": "key", "v": "value", "down": "output.dense"}}
 
 
 def _apply(model, method, h, family):
     """pefttutor's own `apply` for a calculator method and hyperparameters."""
-    from pefttutor.methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+    from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
 
-    if method == "lora":
-        names = {"llama": {"q": "q_proj", "v": "v_proj"}, "bert": {"q": "query", "v": "value"}}[family]
-        return lora.apply(model, [names[t] for t in h["targets"]], r=h["r"])
+    names = NAMES[family]
+    if method in ("lora", "dora"):
+        return {"lora": lora, "dora": dora}[method].apply(model, [names[t] for t in h["targets"]], r=h["r"])
+    if method == "ia3":  # on Bert, `output.dense` names the attention's output projection too (as in peft)
+        return ia3.apply(model, [names[t] for t in h["targets"]], [names[t] for t in h["feedforward"]])
     if method == "prompt_tuning":
         return prompt_tuning.apply(model, h["n_tokens"])
     if method == "prefix_tuning":
@@ -216,6 +222,8 @@ def test_calculator_equals_what_apply_trains_on_our_models(which, minilm, smollm
         if method == "llama_adapter" and family != "llama":
             continue
         model = _apply(copy.deepcopy(base), method, h, family)
+        if method == "ia3" and family == "bert":
+            h = {"targets": ("k", "v", "o", "down"), "feedforward": ("o", "down")}
         assert params.count_parameters(model)[0] == calc.peft_params(which, method, **h), (method, h)
         checked += 1
-    assert checked == (8 if family == "llama" else 7)
+    assert checked == (10 if family == "llama" else 9)

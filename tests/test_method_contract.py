@@ -28,12 +28,16 @@ CASES = {
     "prefix_tuning": {"n_tokens": 3, "hidden": 8},
     "prompt_tuning": {"n_tokens": 3},
     "llama_adapter": {"n_tokens": 2},
+    "dora": {"targets": ("gate_proj", "up_proj"), "r": 2},  # layers no other case wraps: see test_one_update_per_layer
+    "ia3": {"targets": ("k_proj", "v_proj", "down_proj"), "feedforward": ("down_proj",)},
 }
 BERT_CASES = {
     "lora": {"targets": ("query", "value"), "r": 2},
     "adapters": {"size": 4, "placement": "parallel"},
     "prefix_tuning": {"n_tokens": 3, "reparam": False},
     "prompt_tuning": {"n_tokens": 3},
+    "dora": {"targets": ("query", "value"), "r": 2},
+    "ia3": {"targets": ("key", "value", "output.dense"), "feedforward": ("output.dense",)},
 }
 # settings each method must refuse, on apply and in a file's config
 BAD = {
@@ -45,6 +49,8 @@ BAD = {
     "prompt_tuning": [{"n_tokens": -1}, {"init": "zeros"}, {"n_tokens": 1.5}],
     "llama_adapter": [{"n_tokens": 0}, {"n_layers": 3}, {"init_gate": math.nan}, {"init_gate": "open"},
                       {"init_gate": True}],
+    "dora": [{"r": True}, {"r": 33}, {"alpha": 0}, {"alpha": math.inf}, {"rslora": 1}],
+    "ia3": [{"targets": 3}, {"feedforward": ("up_proj",)}, {"targets": ("kproj",)}],
 }
 NAMES = list(CASES)
 X = torch.tensor([[5, 9, 2, 33, 7], [1, 60, 12, 8, 4]])
@@ -176,7 +182,7 @@ def test_bad_settings_are_refused_before_any_change(name, bad):
         pytest.skip("fewer bad settings")
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"must|unknown|above|wider"):
+    with pytest.raises(ValueError, match=r"must|unknown|above|wider|no Linear matches"):
         apply(name, model, **BAD[name][bad])
     assert_same(model, before)
 
@@ -311,4 +317,15 @@ def test_any_two_methods_stack_both_train_both_save_and_come_off_in_reverse(firs
         methods.get(first).remove(model)
     methods.get(second).remove(model)
     methods.get(first).remove(model)
+    assert_same(model, before)
+
+
+@pytest.mark.parametrize("first,second", [("lora", "dora"), ("dora", "lora"), ("lora", "ia3"), ("ia3", "lora")])
+def test_one_update_per_layer_for_methods_that_merge_into_w0(first, second):
+    """Two of LoRA, DoRA, IA3 on one layer are refused: the outer one would read or merge into a W0
+    that no longer is the layer's. Nothing changes."""
+    model = methods.get(first).apply(tiny_llama(), targets=("q_proj",))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj.base'.*one low-rank or scaling update"):
+        methods.get(second).apply(model, targets=("q_proj",))
     assert_same(model, before)

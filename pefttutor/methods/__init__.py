@@ -13,10 +13,11 @@ from torch import nn
 
 from pefttutor import checkpoint
 
-from . import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+from . import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
 from .base import Method, applied
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (prompt_tuning, prefix_tuning, adapters, llama_adapter, lora)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
+    prompt_tuning, prefix_tuning, adapters, llama_adapter, lora, dora, ia3)}
 
 
 def get(name: str) -> Method:
@@ -32,5 +33,5 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return get(header["method"]).load(model, path)
 
 
-__all__ = ["METHODS", "Method", "adapters", "applied", "get", "llama_adapter", "load", "lora", "prefix_tuning",
-           "prompt_tuning"]
+__all__ = ["METHODS", "Method", "adapters", "applied", "dora", "get", "ia3", "llama_adapter", "load", "lora",
+           "prefix_tuning", "prompt_tuning"]

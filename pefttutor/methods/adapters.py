@@ -233,16 +233,13 @@ class Adapters(Method):
         sites, d = self._sites(model, config)
         for path, wrapper in sites.items():
             base = model.get_submodule(path)
-            parent, _, name = path.rpartition(".")
             weight = next(base.parameters())
             adapter = Bottleneck(d, config.size, config.sigma, config.init, config.activation,
                                  device=weight.device, dtype=weight.dtype)
-            setattr(model.get_submodule(parent), name, wrapper(base, adapter).train(base.training))
+            params.replace_module(model, path, wrapper(base, adapter).train(base.training))
 
     def detach(self, model: nn.Module) -> None:
-        for path, layer in adapter_layers(model).items():
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, layer.base)
+        params.unwrap(model, adapter_layers(model))
 
     def modules(self, model: nn.Module, config: BottleneckConfig) -> dict[str, nn.Module]:
         own = {f"{path}.adapter": layer.adapter for path, layer in adapter_layers(model).items()}

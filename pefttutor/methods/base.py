@@ -130,8 +130,8 @@ class Method:
         """Take out whatever `attach` installed, also after an `attach` that failed half way."""
         raise NotImplementedError
 
-    def modules(self, model: nn.Module, config: Config) -> dict[str, nn.Module]:
-        """The modules the method trains and saves, by module path."""
+    def modules(self, model: nn.Module, config: Config) -> dict[str, nn.Module | nn.Parameter]:
+        """What the method trains and saves, by path: modules, or single parameters (IA3's vectors)."""
         raise NotImplementedError
 
     def merged(self, model: nn.Module) -> bool:
@@ -197,21 +197,22 @@ class Method:
         """The config `apply` recorded; ValueError if the method was never applied."""
         return self._record(model).config
 
-    def _named_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+    def _named_modules(self, model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
         config = self.get_config(model)
         return {**self.modules(model, config), **_heads(model, config)}
 
     def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters the method trains (its own and its `train` modules'), by parameter name."""
-        return {f"{path}.{k}": p for path, module in self._named_modules(model).items()
-                for k, p in module.named_parameters()}
+        return {_key(path, k): p for path, part in self._named_modules(model).items()
+                for k, p in ([("", part)] if isinstance(part, nn.Parameter) else part.named_parameters())}
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What an adapter file holds: the method's modules and the `train` modules, detached (sharing
         memory with the model), under the paths they had before any wrapping (`params.canonical_path`),
         so a file does not depend on the order methods were stacked in."""
-        return {f"{params.canonical_path(model, path)}.{k}": v.detach()
-                for path, module in self._named_modules(model).items() for k, v in module.state_dict().items()}
+        return {_key(params.canonical_path(model, path), k): v.detach()
+                for path, part in self._named_modules(model).items()
+                for k, v in ({"": part} if isinstance(part, nn.Parameter) else part.state_dict()).items()}
 
     def load_adapter_state_dict(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Copy `tensors` into the adapter: exactly the keys of `adapter_state_dict(model)`, each with
@@ -321,6 +322,10 @@ class Method:
     def export(self, namespace: dict[str, Any]) -> None:
         """Make the contract plain functions of the method's module: `lora.apply(...)`, `lora.save(...)`."""
         namespace.update({name: getattr(self, name) for name in API})
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if name else path
 
 
 def _heads(model: nn.Module, config: Config) -> dict[str, nn.Module]:

@@ -60,7 +60,7 @@ def scaling(r: int, alpha: float, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-class LoRALinear(params.Wrapper):
+class LoRALinear(params.LinearWrapper):
     """h = W0 x + b + s B A x with s = alpha / r (or alpha / sqrt(r) with rsLoRA).
 
     - W0, b: the frozen pretrained `nn.Linear`, kept whole as `self.base` (W0 = `self.base.weight`).
@@ -70,9 +70,8 @@ class LoRALinear(params.Wrapper):
     - B (d_out x r) = `self.lora_B.weight`: zeros, so the layer starts equal to the base layer.
     - Dropout (if any) acts on the input of the LoRA path only, in training mode only.
 
-    `merge()` folds s B A into W0 for free inference; `unmerge()` takes it out again. Whether the
-    layer is merged travels with its `state_dict()` (an extra state), so a merged model's weights
-    loaded into an unmerged LoRA model do not count the update twice.
+    `merge()` folds s B A into W0 for free inference; `unmerge()` takes it out again (whether it is
+    merged travels with the state_dict: `params.LinearWrapper`).
     """
 
     def __init__(
@@ -92,13 +91,6 @@ class LoRALinear(params.Wrapper):
         self.dropout = nn.Dropout(dropout)
         self.r = r
         self.scaling = scaling(r, alpha, rslora)
-        self.merged = False
-
-    # the wrapped layer's attributes, so code that reads a projection's shape or weight works on it too
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """s B A: (d_out, r) @ (r, d_in) -> (d_out, d_in), the learned update of W0."""
@@ -106,10 +98,7 @@ class LoRALinear(params.Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., d_out)
         if self.merged:
-            if self.training:  # the LoRA path is gone: no dropout, no gradient to A and B
-                raise RuntimeError(
-                    "a merged LoRA layer is for inference: call model.eval(), or lora.unmerge(model) to train"
-                )
+            self.refuse_training_when_merged("LoRA")
             return self.base(x)  # W0 already holds W0 + s B A
         return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
@@ -127,12 +116,6 @@ class LoRALinear(params.Wrapper):
             self.base.weight -= self.delta_weight()
             self.merged = False
 
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor(self.merged)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        self.merged = bool(state)
-
     def extra_repr(self) -> str:
         d_out, d_in = self.base.weight.shape
         n = self.r * (d_in + d_out)
@@ -141,7 +124,7 @@ class LoRALinear(params.Wrapper):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear in the model, by module path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return METHOD.layers(model)
 
 
 class LoRA(Method):
@@ -154,36 +137,37 @@ class LoRA(Method):
 
     name, title, Config = "lora", "LoRA", LoRAConfig
     must_match = ("r", "alpha", "rslora")
+    layer: type[LoRALinear] = LoRALinear  # a variant (DoRA) subclasses the layer and this method
+
+    def layers(self, model: nn.Module) -> dict[str, LoRALinear]:
+        """This method's layers (of exactly its type, so that variants stack), by module path."""
+        return {path: m for path, m in model.named_modules() if type(m) is self.layer}
 
     def attach(self, model: nn.Module, config: LoRAConfig, init: bool = True) -> None:
-        # a typo in `targets` lists the valid names; r above min(d_in, d_out) is refused by LoRALinear
-        for path, linear in params.find_modules(model, config.targets).items():
-            parent, _, name = path.rpartition(".")
-            new = LoRALinear(linear, config.r, config.alpha, config.dropout, config.rslora)
-            setattr(model.get_submodule(parent), name, new.train(linear.training))  # keep eval/train mode
+        # r above min(d_in, d_out) is refused by the layer
+        params.wrap_linears(model, config.targets,
+                            lambda linear: self.layer(linear, config.r, config.alpha, config.dropout, config.rslora))
 
     def detach(self, model: nn.Module) -> None:
-        for path, layer in lora_layers(model).items():
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, layer.base)
+        params.unwrap(model, self.layers(model))
 
     def modules(self, model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
-        return {f"{path}.{part}": getattr(layer, part) for path, layer in lora_layers(model).items()
+        return {f"{path}.{part}": getattr(layer, part) for path, layer in self.layers(model).items()
                 for part in ("lora_A", "lora_B")}
 
     def merged(self, model: nn.Module) -> bool:
-        return any(layer.merged for layer in lora_layers(model).values())
+        return any(layer.merged for layer in self.layers(model).values())
 
     def _merge(self, model: nn.Module) -> None:
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-        tied = sorted(path for path, layer in lora_layers(model).items() if uses[id(layer.base.weight)] > 1)
+        tied = sorted(path for path, layer in self.layers(model).items() if uses[id(layer.base.weight)] > 1)
         if tied:
             raise ValueError(f"cannot merge into {tied}: W0 is tied to another module, which merging would change")
-        for layer in lora_layers(model).values():
+        for layer in self.layers(model).values():
             layer.merge()
 
     def _unmerge(self, model: nn.Module) -> None:
-        for layer in lora_layers(model).values():
+        for layer in self.layers(model).values():
             layer.unmerge()
 
 
