@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pefttutor import checks
 from pefttutor.config import repo_root
 
 LABELS = ("negative", "neutral", "positive")
@@ -55,14 +56,19 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
+def _check_limit(limit: int | None) -> None:
+    """None (every example) or a count: not a bool (an int in Python), not 2.5 (which would give 3 rows)."""
+    if limit is not None:
+        checks.count(limit, "limit (or None: every example)")
+
+
 def stratified_subset(examples: Sequence[Mapping[str, Any]], limit: int, key: str = "label") -> list:
     """Deterministic, balanced subset: take examples round-robin over the classes, in file order.
 
     `limit=10` on 3 classes gives 4/3/3 examples (classes in sorted order), interleaved
     (class 0, class 1, class 2, class 0, ...). Classes that run out are skipped.
     """
-    if limit < 0:
-        raise ValueError("limit must be >= 0")
+    _check_limit(limit)
     by_class: dict[Any, list] = {}
     for ex in examples:
         by_class.setdefault(ex[key], []).append(ex)
@@ -92,6 +98,7 @@ def load_tweets(split: str, limit: int | None = None) -> list[dict[str, Any]]:
 def load_restaurants(split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Restaurant MRs of one split as `[{"mr": str, "refs": [str, ...]}, ...]` (first `limit` rows)."""
     _check_split(split)
+    _check_limit(limit)
     path = data_dir() / "restaurants" / f"{split}.jsonl"
     rows = []
     with path.open(encoding="utf-8") as f:
@@ -102,12 +109,29 @@ def load_restaurants(split: str, limit: int | None = None) -> list[dict[str, Any
     return rows
 
 
+_MR_ATTRIBUTE = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*\[([^\[\]]*)\]\s*(?:[,|]|$)")
+
+
 def parse_mr(mr: str) -> dict[str, str]:
-    """`"name[X], eatType[pub]"` -> `{"name": "X", "eatType": "pub"}` (`,` or `|` separated)."""
-    pairs = re.findall(r"\s*([A-Za-z ]+?)\s*\[([^\]]*)\]\s*[,|]?", mr)
-    if not pairs:
-        raise ValueError(f"not a meaning representation: {mr!r}")
-    return dict(pairs)
+    """`"name[X], eatType[pub]"` -> `{"name": "X", "eatType": "pub"}` (`,` or `|` separated).
+
+    The whole string must parse: a malformed attribute (`eatType[pub`) is an error, not skipped.
+    """
+    attributes: dict[str, str] = {}
+    pos = 0
+    while pos < len(mr) or not attributes:
+        match = _MR_ATTRIBUTE.match(mr, pos)
+        if match is None:
+            rest = mr[pos:].strip()
+            raise ValueError(f"not a meaning representation: {mr!r}: "
+                             + (f"malformed attribute {rest!r}" if rest else "no attributes")
+                             + " (expected key[value] pairs separated by ',' or '|')")
+        key, value = match.groups()
+        if key in attributes:
+            raise ValueError(f"not a meaning representation: {mr!r}: attribute {key!r} appears twice")
+        attributes[key] = value
+        pos = match.end()
+    return attributes
 
 
 # ------------------------------------------------------------------------------------------------

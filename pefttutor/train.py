@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import get_device, seed_everything
+from . import checks
 from .params import count_parameters
 
 Batch = dict[str, torch.Tensor]
@@ -146,15 +147,61 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 def _cycle(batches: Callable[[int], Iterable[Batch]] | Iterable[Batch]) -> Iterator[Batch]:
     """Endless batches; a callable is called with the epoch number (to reshuffle each epoch)."""
-    epoch = 0
+    epoch = seen = 0
     while True:
         empty = True
         for batch in batches(epoch) if callable(batches) else batches:
             empty = False
+            seen += 1
             yield batch
+        if empty and seen:  # a generator is used up after one pass: the second epoch finds nothing
+            raise ValueError(f"the batches ran out after {seen}: epoch {epoch} produced none (a generator or "
+                             "iterator is used up after one pass); pass a list, or a function of the epoch")
         if empty:
             raise ValueError("the training data produced no batches")
         epoch += 1
+
+
+@contextlib.contextmanager
+def _left_clean(model: nn.Module, optimizer: torch.optim.Optimizer, bar) -> Iterator[None]:
+    """However the loop ends (done, an error, Ctrl-C): the bar closed, the model in eval mode, no gradients held."""
+    try:
+        yield
+    finally:
+        bar.close()
+        model.eval()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(step: int, loss: float, grad_norm: torch.Tensor, lr: float, clip: float | None) -> None:
+    """Stop at the first non-finite loss or gradient norm, before its update: one NaN step would make
+    every trained weight NaN, and training would go on (and save) without a sign."""
+    if math.isfinite(loss) and torch.isfinite(grad_norm):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm.item()}"
+    raise FloatingPointError(f"{what} at step {step}: training stopped before that step's update, so the weights "
+                             f"are as they were before it. Try a lower lr (this run: {lr:g})"
+                             + (", or clip=1.0" if clip is None else ""))
+
+
+def _check_arguments(steps, lr, weight_decay, warmup, clip, evaluate, eval_every, seed, should_stop) -> None:
+    """Refuse what would train wrongly without an error: clip=0 freezes, clip<0 ascends, warmup=2.5 rounds."""
+    checks.positive_int(steps, "steps")
+    checks.number(lr, "lr", low=0, low_open=True)
+    checks.number(weight_decay, "weight_decay", low=0)
+    checks.number(warmup, "warmup", low=0)
+    if warmup >= 1 and (warmup != int(warmup) or warmup > steps):
+        raise ValueError(f"warmup >= 1 is a number of steps, whole and at most steps={steps}, got {warmup!r} "
+                         "(below 1 it is a fraction of steps)")
+    if clip is not None:
+        checks.number(clip, "clip (None: no clipping)", low=0, low_open=True)
+    if eval_every is not None:
+        checks.positive_int(eval_every, "eval_every")
+    checks.count(seed, "seed")
+    if eval_every is not None and evaluate is None:
+        raise ValueError("eval_every needs evaluate: there is nothing to run every eval_every steps")
+    if should_stop is not None and eval_every is None:
+        raise ValueError("should_stop is asked after each periodic evaluation: pass evaluate and eval_every too")
 
 
 def train(
@@ -187,9 +234,11 @@ def train(
     should_stop: `should_stop(eval_curve) -> bool`, asked after each periodic evaluation; True ends
               training there (early stopping). The result's `steps` is the number actually run, and
               no extra final evaluation is made.
+
+    A non-finite loss or gradient norm stops training with FloatingPointError before that step's
+    update. However training ends (an error, Ctrl-C), the model is left in eval mode without gradients.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_arguments(steps, lr, weight_decay, warmup, clip, evaluate, eval_every, seed, should_stop)
     if autocast not in AUTOCAST:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {autocast!r}")
     device = torch.device(device) if device is not None else get_device()
@@ -222,7 +271,7 @@ def train(
     bar = tqdm(total=steps, desc="train", leave=False, **({"disable": True} if quiet else {}))
     start = time.perf_counter()
     stopped = False
-    with PeakMemory(device) as memory:
+    with _left_clean(model, optimizer, bar), PeakMemory(device) as memory:
         for step in range(1, steps + 1):
             model.train()
             batch = _to(next(data), device)
@@ -231,14 +280,15 @@ def train(
                 loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+            # clip=None: the same norm, for the check below; scaling by min(1, inf) = 1 changes nothing
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
+            losses.append(loss.item())  # the step's one sync (the loss curve needs it anyway), before the update
+            _check_finite(step, losses[-1], norm, lr, clip)
             optimizer.step()
             scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if evaluate is not None and eval_every and step % eval_every == 0 and step < steps:
@@ -246,12 +296,10 @@ def train(
                 if should_stop is not None and should_stop(eval_curve):
                     stopped = True
                     break
-    bar.close()
     if evaluate is None:
         metrics = {}
     else:
         metrics = eval_curve[-1][1] if stopped else run_eval(step)
-    model.eval()
     return TrainResult(
         trainable_params=trainable,
         total_params=total,

@@ -285,12 +285,32 @@ def test_bad_split_names_raise(loader):
         loader("dev")
 
 
+@pytest.mark.parametrize("loader", [D.load_tweets, D.load_restaurants])
+@pytest.mark.parametrize("limit", [-1, 2.5, True, "5"])
+def test_loaders_refuse_a_limit_that_is_no_count(loader, limit):
+    with pytest.raises(ValueError, match=re.escape(f"limit (or None: every example) must be an integer >= 0, got {limit!r}")):
+        loader("test", limit=limit)
+
+
 def test_parse_mr_both_separators():
     want = {"name": "The Eagle", "eatType": "coffee shop", "customer rating": "5 out of 5"}
     assert D.parse_mr("name[The Eagle], eatType[coffee shop], customer rating[5 out of 5]") == want
     assert D.parse_mr("name[The Eagle] | eatType[coffee shop] | customer rating[5 out of 5]") == want
     with pytest.raises(ValueError):
         D.parse_mr("no brackets")
+
+
+@pytest.mark.parametrize("mr, part", [
+    ("name[X], eatType[pub", "malformed attribute 'eatType[pub'"),
+    ("name[X], [pub]", "malformed attribute '[pub]'"),
+    ("name[X] eatType[pub]", "malformed attribute 'name[X] eatType[pub]'"),  # no separator
+    ("name[X]], eatType[pub]", "malformed attribute 'name[X]], eatType[pub]'"),
+    ("name[X], name[Y]", "attribute 'name' appears twice"),
+    ("", "no attributes"),
+])
+def test_parse_mr_names_the_malformed_part_instead_of_dropping_it(mr, part):
+    with pytest.raises(ValueError, match=re.escape(part)):
+        D.parse_mr(mr)
 
 
 # ------------------------------------------------------------------------------------------------

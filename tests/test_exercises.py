@@ -1,4 +1,11 @@
-from pefttutor.exercises import Exercise, close_to
+import functools
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+from pefttutor.exercises import Exercise, close_to, exact_count
 
 
 def make():
@@ -87,3 +94,81 @@ def test_conclusion_exercises(capsys):
     assert c.lora_65b_rank.check(r) is True and c.lora_65b_rank.check(r + 1) is False
     assert c.lora_65b_rank.check(None) is None
     assert "not attempted" in capsys.readouterr().out
+
+
+@functools.cache
+def every_exercise():
+    """Each notebook's exercises, built as the notebooks build them (stand-ins for what they measure),
+    with the kind of answer each takes."""
+    from pefttutor.exercises import (adapters, conclusion, introduction, llama_adapter, lora, models_and_data, prefix,
+                                     prompts)
+
+    runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}], "LoRA": [{"accuracy": 0.77, "file_bytes": 3e5}]}
+    count, number, name, function = "an int", "a number", "a str", "a function"
+    return {
+        "models_and_data.block_params": (models_and_data.block_params(), count),
+        "models_and_data.embedding_share": (models_and_data.embedding_share(134_515_008), number),
+        "introduction.adam_memory_13b": (introduction.adam_memory_13b(), number),
+        "introduction.what_fits_24gb": (introduction.what_fits_24gb(), name),
+        "introduction.minilm_block_params": (introduction.minilm_block_params(1_774_464), count),
+        "prompts.soft_prompt_params": (prompts.soft_prompt_params(), count),
+        "prompts.extend_mask": (prompts.extend_mask(), function),
+        "prompts.argmax_gradient": (prompts.argmax_gradient(), name),
+        "prompts.relaxed_token": (prompts.relaxed_token(), function),
+        "prefix.smollm2_params": (prefix.smollm2_params(), count),
+        "prefix.smollm2_mlp_params": (prefix.smollm2_mlp_params(), count),
+        "prefix.layer_prefix": (prefix.layer_prefix(), function),
+        "adapters.bert_large_params": (adapters.bert_large_params(), count),
+        "adapters.forward": (adapters.forward(), function),
+        "adapters.zero_init": (adapters.zero_init(), function),
+        "lora.gpt3_params": (lora.gpt3_params(), count),
+        "lora.smollm2_params": (lora.smollm2_params(), count),
+        "lora.forward": (lora.forward(), function),
+        "lora.merge": (lora.merge(), function),
+        "llama_adapter.llama7b_params": (llama_adapter.llama7b_params(), count),
+        "llama_adapter.smollm2_params": (llama_adapter.smollm2_params(), count),
+        "llama_adapter.first_step": (llama_adapter.first_step(), name),
+        "conclusion.llama_adapter_7b": (conclusion.llama_adapter_7b, count),
+        "conclusion.smallest_close_to_full": (conclusion.smallest_close_to_full(runs), name),
+        "conclusion.lora_65b_rank": (conclusion.lora_65b_rank, count),
+    }
+
+
+def test_every_exercise_is_in_the_wrong_type_test():
+    import pefttutor.exercises as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for attr, obj in vars(module).items():
+            made_here = getattr(obj, "__module__", None) == module.__name__
+            if isinstance(obj, Exercise) or made_here and inspect.isfunction(obj) and \
+                    inspect.signature(obj).return_annotation in ("Exercise", Exercise):
+                found.add(f"{info.name}.{attr}")
+    assert found == set(every_exercise())
+
+
+WRONG_TYPES = {
+    "an int": ["1774464", 1774464.0, [1774464], True],
+    "a number": ["0.21", [0.21], True],
+    "a str": [5, ["lora"], 0.5, True],
+    "a function": ["lora_forward", 5, [len]],
+}
+
+
+@pytest.mark.parametrize("name", list(every_exercise()))
+def test_a_wrong_type_is_told_its_type_never_a_checker_error(name, capsys):
+    ex, kind = every_exercise()[name]
+    for answer in WRONG_TYPES[kind]:
+        assert ex.check(answer) is False, answer
+        out = capsys.readouterr().out
+        assert f"expected {kind}, got {type(answer).__name__}" in out and "raised" not in out, out
+    assert ex.check(None) is None and "not attempted" in capsys.readouterr().out
+
+
+def test_a_numpy_count_is_an_int(capsys):
+    import numpy as np
+
+    assert Exercise("n", exact_count(5), hint="", solution="").check(np.int64(5)) is True
+    assert Exercise("n", exact_count(5), hint="", solution="").check(np.int64(6)) is False
+    assert "you have 6" in capsys.readouterr().out

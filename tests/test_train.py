@@ -240,3 +240,88 @@ def test_fused_adamw_makes_the_same_update_as_the_loop():
             opt.step()
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.allclose(a.body.weight, start, atol=1e-3)  # the steps did move the weights
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_nan_loss_stops_at_its_step_with_the_weights_before_it():
+    torch.manual_seed(0)
+    model = Net()
+    seen = []
+
+    def nan_at_step_3(m, batch):
+        seen.append(_params(m))  # the weights this step starts from
+        loss = loss_fn(m, batch)
+        return loss * float("nan") if len(seen) == 3 else loss
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*lower lr"):
+        train.train(model, toy_data(), nan_at_step_3, steps=10, lr=1e-1, progress=False, device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), seen[2]))  # step 3 made no update
+    assert not any(p.isnan().any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_a_non_finite_gradient_with_a_finite_loss_stops_too(clip):
+    torch.manual_seed(0)
+    model = Net()
+    before = _params(model)
+
+    def nan_gradient(m, batch):  # sqrt(0) is 0, its derivative inf: the loss stays finite, the gradient is nan
+        return loss_fn(m, batch) + (m.head.bias.sum() * 0).sqrt()
+
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1") as err:
+        train.train(model, toy_data(), nan_gradient, steps=5, progress=False, device="cpu", clip=clip)
+    assert ("clip=1.0" in str(err.value)) == (clip is None)  # suggested only where there was no clipping
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bad, name", [
+    (dict(steps=2.5), "steps"), (dict(steps="3"), "steps"), (dict(steps=True), "steps"), (dict(steps=0), "steps"),
+    (dict(lr=0), "lr"), (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr="1e-3"), "lr"),
+    (dict(clip=0), "clip"), (dict(clip=-1), "clip"), (dict(clip=float("inf")), "clip"), (dict(clip="1"), "clip"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(warmup=-0.1), "warmup"), (dict(warmup=2.5), "warmup"), (dict(warmup=11), "warmup"), (dict(warmup="3"), "warmup"),
+    (dict(eval_every=0, evaluate=lambda m: {}), "eval_every"), (dict(eval_every=2.5, evaluate=lambda m: {}), "eval_every"),
+    (dict(eval_every=2), "evaluate"), (dict(should_stop=lambda curve: True, evaluate=lambda m: {}), "should_stop"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
+])
+def test_train_refuses_bad_arguments_before_touching_the_model(bad, name):
+    model = Net()
+    before = _params(model)
+    kwargs = dict(steps=10, progress=False, device="cpu") | bad
+    with pytest.raises(ValueError, match=name):
+        train.train(model, toy_data(), loss_fn, **kwargs)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_train_accepts_the_edges():
+    for kwargs in (dict(warmup=0), dict(warmup=10), dict(warmup=0.5), dict(clip=None), dict(seed=0), dict(steps=1)):
+        train.train(Net(), toy_data(), loss_fn, **(dict(steps=10, progress=False, device="cpu") | kwargs))
+
+
+def test_an_interrupted_run_leaves_eval_mode_and_no_gradients():
+    model = Net()
+    calls = []
+
+    def interrupted(m, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss_fn(m, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(model, toy_data(), interrupted, steps=10, progress=False, device="cpu")
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    train.train(model, toy_data(), loss_fn, steps=2, progress=False, device="cpu")  # and after a finished run
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_a_generator_of_batches_says_it_ran_out():
+    with pytest.raises(ValueError, match="ran out after 4"):
+        train.train(Net(), (b for b in toy_data()), loss_fn, steps=10, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="ran out after 4"):  # a function of the epoch handing out the same one
+        once = iter(toy_data())
+        train.train(Net(), lambda epoch: once, loss_fn, steps=10, progress=False, device="cpu")
+    train.train(Net(), lambda epoch: iter(toy_data(seed=epoch)), loss_fn, steps=10, progress=False, device="cpu")

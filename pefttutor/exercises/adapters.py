@@ -7,7 +7,7 @@ from torch import nn
 
 from pefttutor.methods.adapters import Bottleneck, SerialAdapter
 
-from . import Exercise, exact_count
+from . import FUNCTION, Exercise, exact_count, expects
 
 
 def adapter_params(d: int, m: int, n_adapters: int) -> int:
@@ -38,6 +38,7 @@ def _adapter_and_input(*batch: int, sigma: float = 0.5) -> tuple[Bottleneck, tor
 def forward() -> Exercise:
     """Implement `adapter_forward(h, W_down, b_down, W_up, b_up)` with GELU and the skip connection."""
 
+    @expects(FUNCTION)
     def checker(fn):
         adapter, h = _adapter_and_input(2, 3)
         with torch.no_grad():
@@ -59,6 +60,7 @@ def forward() -> Exercise:
 def zero_init() -> Exercise:
     """Implement `init_identity(adapter)`: the adapter must be exactly the identity, and still learn."""
 
+    @expects(FUNCTION)
     def checker(fn):
         adapter, h = _adapter_and_input(5, 16)
         with torch.no_grad():

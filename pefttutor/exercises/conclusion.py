@@ -8,7 +8,7 @@ from typing import Any
 
 from pefttutor import calculator as calc
 
-from . import Exercise, exact_count
+from . import STR, Exercise, exact_count, expects
 
 llama_adapter_7b = Exercise(
     "LLaMA-Adapter on LLaMA-7B",
@@ -23,9 +23,14 @@ def smallest_close_to_full(runs: Mapping[str, Sequence[Mapping[str, Any]]], with
     full = statistics.fmean(r["accuracy"] for r in runs["full finetuning"])
     close = {n: rs[0]["file_bytes"] for n, rs in runs.items() if statistics.fmean(r["accuracy"] for r in rs) >= full - within}
     best = min(close, key=close.get)
+
+    @expects(STR)
+    def checker(answer):
+        return answer == best, "" if answer == best else f"{answer!r} is not it; candidates: {sorted(close)}"
+
     return Exercise(
         "smallest file within 2 points of full finetuning",
-        checker=lambda a: (a == best, "" if a == best else f"{a!r} is not it; candidates: {sorted(close)}"),
+        checker=checker,
         hint="Keep the rows whose mean accuracy is at least full finetuning's minus 0.02, then compare 'file (KB)'.",
         solution=f"{best!r}: {close[best] / 1e3:.1f} KB (full finetuning's mean accuracy: {full:.3f})",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pefttutor import calculator as calc
 
-from . import Exercise, close_to, exact_count
+from . import STR, Exercise, close_to, exact_count, expects
 
 
 def adam_memory_13b() -> Exercise:
@@ -26,7 +26,7 @@ def what_fits_24gb() -> Exercise:
     expected = "full" if fits("full") else "lora" if fits("lora") else "neither"
     return Exercise(
         "what fits in 24 GB",
-        checker=lambda a: str(a).lower() == expected,
+        checker=expects(STR)(lambda a: a.lower() == expected),
         hint="Full: 8 bytes per parameter at 16 bits. LoRA: 2 bytes per frozen parameter, 8 per trainable one.",
         solution="'lora': full needs 8 x 6.74e9 = 54 GB; LoRA about 2 x 6.74e9 = 13.5 GB plus 8 x 4.2M = 0.03 GB",
     )

@@ -7,7 +7,7 @@ import torch
 from pefttutor.methods import llama_adapter
 from pefttutor.models import Llama, LlamaConfig
 
-from . import Exercise, exact_count
+from . import STR, Exercise, exact_count, expects
 
 FIRST_STEP_CHOICES = ("prompts", "gates", "both", "neither")
 
@@ -57,6 +57,7 @@ def _nonzero_gradients_at_init() -> str:
 def first_step() -> Exercise:
     """At initialization (every gate zero), which adapter parameters receive a nonzero gradient?"""
 
+    @expects(STR)
     def checker(answer):
         assert answer in FIRST_STEP_CHOICES, f"answer one of {FIRST_STEP_CHOICES}, got {answer!r}"
         return answer == _nonzero_gradients_at_init()

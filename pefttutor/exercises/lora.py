@@ -10,7 +10,7 @@ from torch import nn
 from pefttutor.methods.lora import LoRALinear
 from pefttutor.models import LlamaConfig
 
-from . import Exercise, exact_count
+from . import FUNCTION, Exercise, exact_count, expects
 
 
 def lora_params(shapes: Iterable[tuple[int, int]], r: int) -> int:
@@ -51,6 +51,7 @@ def _random_layer_and_input(*batch: int) -> tuple[LoRALinear, torch.Tensor]:
 def forward() -> Exercise:
     """Implement `lora_forward(x, W0, b, A, B, alpha, r)` on plain tensors."""
 
+    @expects(FUNCTION)
     def checker(fn):
         layer, x = _random_layer_and_input(2, 4)
         with torch.no_grad():
@@ -70,6 +71,7 @@ def forward() -> Exercise:
 def merge() -> Exercise:
     """Implement `merged_weight(W0, A, B, alpha, r)`: the weight of a plain Linear equal to the LoRA layer."""
 
+    @expects(FUNCTION)
     def checker(fn):
         layer, x = _random_layer_and_input(4)
         with torch.no_grad():

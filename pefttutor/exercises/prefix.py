@@ -7,7 +7,7 @@ import torch
 from pefttutor.methods.prefix_tuning import LayerPrefix, PrefixEncoder
 from pefttutor.models import LlamaConfig
 
-from . import Exercise, exact_count
+from . import FUNCTION, Exercise, exact_count, expects
 
 
 def prefix_params(n_tokens: int, n_layers: int, kv_dim: int, reparam: bool = False, hidden: int = 512) -> int:
@@ -52,6 +52,7 @@ def smollm2_mlp_params(cfg: LlamaConfig = LlamaConfig(), n_tokens: int = 10, hid
 def layer_prefix() -> Exercise:
     """Implement `layer_kv(P_theta, i, n_kv_heads, head_dim)`: layer i's (keys, values), each (n_kv_heads, P, head_dim)."""
 
+    @expects(FUNCTION)
     def checker(fn):
         with torch.random.fork_rng(devices=[]):  # leave the reader's RNG alone
             torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Exercise, exact_count
+from . import FUNCTION, STR, Exercise, exact_count, expects
 
 
 def soft_prompt_params(n_tokens: int = 100, d: int = 4096) -> Exercise:
@@ -24,6 +24,7 @@ def _left_padded_mask() -> torch.Tensor:
 def extend_mask() -> Exercise:
     """Implement `extend(mask, P)`: the attention mask once P virtual tokens stand in front of the input."""
 
+    @expects(FUNCTION)
     def checker(fn):
         mask, P = _left_padded_mask(), 3
         got = fn(mask.clone(), P)
@@ -50,13 +51,14 @@ def argmax_gradient() -> Exercise:
         "c": "None: z is not in the graph at all",
     }
 
+    @expects(STR)
     def checker(answer):
         E = torch.arange(15.0).view(5, 3).requires_grad_()  # the embeddings do get a gradient (row i only)
         z = torch.tensor([0.1, 2.0, 0.3, -1.0, 0.5], requires_grad=True)
         E[z.argmax()].sum().backward()
         truth = "c" if z.grad is None else "b" if not z.grad.any() else "a"
-        ok = str(answer).strip().lower() == truth
-        return ok, "" if ok else f"you chose {choices.get(str(answer).strip().lower(), answer)!r}"
+        ok = answer.strip().lower() == truth
+        return ok, "" if ok else f"you chose {choices.get(answer.strip().lower(), answer)!r}"
 
     return Exercise(
         "why argmax blocks gradients",
@@ -71,6 +73,7 @@ def argmax_gradient() -> Exercise:
 def relaxed_token() -> Exercise:
     """Implement `relaxed(z, E, tau)`: softmax(z / tau) @ E, a differentiable stand-in for E[z.argmax()]."""
 
+    @expects(FUNCTION)
     def checker(fn):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -31,9 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pefttutor import checkpoint, params
-
-from . import checks
+from pefttutor import checkpoint, checks, params
 
 API = ("apply", "get_config", "trainable", "adapter_state_dict", "load_adapter_state_dict", "save", "load",
        "merge", "unmerge", "remove")

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pefttutor import checks
 from pefttutor.models.llama import Llama, LlamaAttention
 
-from . import checks
 from .base import Config, Method
 
 GATE_INITS = ("zero", "random")  # or a number: every gate starts at that value

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pefttutor import params
+from pefttutor import checks, params
 
-from . import checks
 from .base import Config, Method
 
 

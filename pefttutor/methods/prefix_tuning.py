@@ -36,9 +36,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from pefttutor import checks
 from pefttutor.models.attention import Attention
 
-from . import checks
 from .base import Config, Method, host, host_extension
 
 

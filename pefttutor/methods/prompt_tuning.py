@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import checks
+from pefttutor import checks
+
 from .base import Config, Method, host, host_extension
 
 INITS = ("random", "vocab", "text")

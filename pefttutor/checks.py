@@ -1,4 +1,4 @@
-"""Argument checks shared by every method's config: one wording, applied on `apply` and on `load` alike.
+"""Argument checks shared by the methods' configs (on `apply` and on `load` alike), training and data: one wording.
 
 Each returns the (normalised) value or raises ValueError naming the setting and what it got.
 bool is an int in Python, so integer and number checks refuse it explicitly (r=True is no rank).
@@ -13,6 +13,13 @@ from collections.abc import Iterable
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def count(value, name: str) -> int:
+    """An integer >= 0 (a seed, a number of examples)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return value
 
 
