@@ -43,9 +43,14 @@ def get_device(prefer: str | None = None) -> torch.device:
 
 
 def cache_dir() -> Path:
-    """Where converted weights live: `PEFTTUTOR_CACHE`, else `~/.cache/pefttutor`."""
-    path = Path(os.environ.get("PEFTTUTOR_CACHE", Path.home() / ".cache" / "pefttutor"))
-    path.mkdir(parents=True, exist_ok=True)
+    """Where converted weights live: `PEFTTUTOR_CACHE` (`~` expanded; empty is unset), else `~/.cache/pefttutor`."""
+    value = os.environ.get("PEFTTUTOR_CACHE", "")
+    path = Path(value).expanduser() if value.strip() else Path.home() / ".cache" / "pefttutor"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # OSError(errno, ...) keeps the subclass: PermissionError, FileExistsError, ...
+        raise OSError(e.errno, f"cannot create the cache folder {path} ({e.strerror}): set PEFTTUTOR_CACHE "
+                               f"to a writable folder") from e
     return path
 
 

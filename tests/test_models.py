@@ -1,10 +1,9 @@
-"""Our Llama and Bert against Hugging Face: tiny random configs, the real checkpoints, hooks, caching."""
+"""Our Llama and Bert against Hugging Face: tiny random configs, the real checkpoints, hooks (cache: test_model_cache)."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 
 import pytest
 import torch
@@ -38,9 +37,9 @@ def tiny_hf_llama(tie=True, seed=0):
     return hf
 
 
-def tiny_hf_bert(seed=0):
+def tiny_hf_bert(seed=0, pooler=True):
     torch.manual_seed(seed)
-    return transformers.BertModel(transformers.BertConfig(**TINY_BERT)).eval()
+    return transformers.BertModel(transformers.BertConfig(**TINY_BERT), add_pooling_layer=pooler).eval()
 
 
 def batch(kind, B=2, T=10, vocab=128, seed=0):
@@ -283,9 +282,20 @@ def test_attend_prefix_is_always_visible(causal):
 # ---------------------------------------------------------------- tiny random Bert vs HF
 
 
-def test_bert_state_dict_keys_equal_hf():
-    hf = tiny_hf_bert()
-    assert list(Bert.from_hf(hf).state_dict()) == list(hf.state_dict())
+@pytest.mark.parametrize("pooler", [True, False])  # sentence-embedding checkpoints are saved without one
+@torch.no_grad()
+def test_bert_state_dict_equals_hf(pooler):
+    hf = tiny_hf_bert(pooler=pooler)
+    ours, ref = Bert.from_hf(hf), hf.state_dict()
+    assert list(ours.state_dict()) == list(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in ours.state_dict().items())
+    ids, mask = batch("right")
+    out = hf(input_ids=ids, attention_mask=mask)
+    assert max_diff(ours(ids, mask), out.last_hidden_state, mask) < TOL
+    if pooler:
+        assert max_diff(ours.pooler(ours(ids, mask)), out.pooler_output) < TOL
+    else:
+        assert ours.pooler is None and out.pooler_output is None
 
 
 @pytest.mark.parametrize("pad", ["none", "right"])
@@ -394,65 +404,7 @@ def test_minilm_embeddings_make_sense(minilm):
     assert sim[0, 1] > 0.6 and sim[0, 1] > sim[0, 2] + 0.3, sim
 
 
-# ---------------------------------------------------------------- conversion cache (fake GGUF conversion)
-
-
-@pytest.fixture
-def fake_conversion(monkeypatch, tmp_path):
-    """Cache in tmp_path; the GGUF step replaced by a tiny random model (the real one takes ~25 s)."""
-    monkeypatch.setenv("PEFTTUTOR_CACHE", str(tmp_path))
-    tok = transformers.AutoTokenizer.from_pretrained(loading.minilm_dir())
-    calls = []
-
-    def convert(gguf):
-        calls.append(gguf)
-        return tiny_hf_llama(), tok
-
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
-    return calls
-
-
-def test_conversion_is_cached(fake_conversion, tmp_path):
-    model, _ = load_smollm2(device="cpu")
-    assert len(fake_conversion) == 1
-    again, _ = load_smollm2(device="cpu")
-    assert len(fake_conversion) == 1  # second call read the cache
-    ids, mask = batch("left")
-    with torch.no_grad():
-        assert torch.equal(again(ids, mask), Llama.from_hf(tiny_hf_llama())(ids, mask))
-    assert again.lm_head.weight is again.model.embed_tokens.weight
-    hf = loading.load_smollm2_hf(device="cpu")
-    assert torch.equal(hf.lm_head.weight, again.lm_head.weight)
-    assert "quantization_config" not in json.loads((tmp_path / loading.SMOLLM2_CACHE / "config.json").read_text())
-    assert [p.name for p in tmp_path.iterdir()] == [loading.SMOLLM2_CACHE]  # no temp folders left
-
-
-@pytest.mark.parametrize("damage", ["no_manifest", "truncated", "stale_partial"])
-def test_partial_cache_is_not_used(fake_conversion, tmp_path, damage):
-    folder = tmp_path / loading.SMOLLM2_CACHE
-    if damage == "stale_partial":  # e.g. an older, non-atomic writer died half-way
-        folder.mkdir()
-        (folder / "config.json").write_text("{}")
-    else:
-        load_smollm2(device="cpu")
-        if damage == "no_manifest":
-            (folder / loading.MANIFEST).unlink()
-        else:
-            weights = folder / "model.safetensors"
-            weights.write_bytes(weights.read_bytes()[:1000])
-    model, _ = load_smollm2(device="cpu")
-    assert len(fake_conversion) == (1 if damage == "stale_partial" else 2)
-    assert loading._manifest_ok(folder)
-
-
-def test_failed_conversion_leaves_nothing(fake_conversion, tmp_path, monkeypatch):
-    def disk_full(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(loading, "save_file", disk_full)
-    with pytest.raises(OSError, match="disk full"):
-        load_smollm2(device="cpu")
-    assert list(tmp_path.iterdir()) == []
+# ---------------------------------------------------------------- weight packages
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

@@ -1,8 +1,8 @@
 """BERT encoder (all-MiniLM-L6-v2) in one file: post-LN transformer, exact GELU, pooling helpers.
 
-Module names mirror Hugging Face's `BertModel` (pooler included), so `state_dict()` keys are
-identical and weights move across with a strict `load_state_dict`. Shapes: B batch, T tokens,
-H heads, hd head dim, d hidden_size.
+Module names mirror Hugging Face's `BertModel` (pooler included, or left out as HF's
+`add_pooling_layer=False` does), so `state_dict()` keys are identical and weights move across
+with a strict `load_state_dict`. Shapes: B batch, T tokens, H heads, hd head dim, d hidden_size.
 """
 
 from __future__ import annotations
@@ -149,12 +149,12 @@ class Bert(nn.Module):
     states come back for the real tokens only.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))))
-        self.pooler = BertPooler(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None  # as HF; sentence-embedding models lack one
         self.peft = nn.ModuleDict()  # the model-level extension point
         self.apply(self._init_weights)
 
@@ -166,15 +166,15 @@ class Bert(nn.Module):
             nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_config(cls, config) -> Bert:
+    def from_config(cls, config, add_pooling_layer: bool = True) -> Bert:
         """Randomly initialised, from our `BertConfig` or a transformers one."""
-        return cls(config if isinstance(config, BertConfig) else BertConfig.from_hf(config))
+        return cls(config if isinstance(config, BertConfig) else BertConfig.from_hf(config), add_pooling_layer)
 
     @classmethod
     def from_hf(cls, hf_model) -> Bert:
-        """Copy a transformers `BertModel` (with its pooler; same dtype and device)."""
+        """Copy a transformers `BertModel` (with its pooler if it has one; same dtype and device)."""
         p = next(hf_model.parameters())
-        model = cls.from_config(hf_model.config).to(device=p.device, dtype=p.dtype)
+        model = cls.from_config(hf_model.config, hf_model.pooler is not None).to(device=p.device, dtype=p.dtype)
         state = {k: v for k, v in hf_model.state_dict().items() if k != "embeddings.position_ids"}
         model.load_state_dict(state, strict=True)
         return model.train(hf_model.training)

