@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
 from pefttutor import checkpoint, params
@@ -29,18 +30,54 @@ from pefttutor.methods import lora
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # peft's old format: unpickling it could run any code, so we never do
+# The adapter_config.json fields the weights depend on, also kept in the weights' metadata (under
+# WRITTEN_WITH), so that a folder whose two files come from different saves is refused.
+WEIGHTS_DEPEND_ON = ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save")
+WRITTEN_WITH = "pefttutor_adapter_config"
 
-# adapter_config.json fields that change the math; we support each only when switched off.
-UNSUPPORTED = (
-    "use_dora", "fan_in_fan_out", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
-    "layers_to_transform", "layers_pattern", "exclude_modules", "layer_replication",
-    "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
-    "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
-)
-_OFF = (None, False, "none", {}, [])
-# Other initialisations (pissa, olora, corda, loftq, ...) also rewrite W0, so the adapter only
-# fits a base model that was changed the same way.
-_PLAIN_INITS = (True, False, "gaussian")
+ANY = None
+# Every field peft's LoraConfig (0.21) writes, with the values we accept; ANY: informational, or
+# read by `load_peft`. A field not listed (a newer peft's feature) is refused, never ignored.
+FIELDS = {
+    **dict.fromkeys(("peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision",
+                     "auto_mapping", "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora",
+                     "target_modules", "modules_to_save"), ANY),
+    "megatron_core": ANY, "qalora_group_size": ANY,  # used only with megatron_config / use_qalora, which must be off
+    # what we do not implement, with the values that switch it off
+    **dict.fromkeys(("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "ensure_weight_tying"), (False,)),
+    "bias": ("none",),
+    **dict.fromkeys(("rank_pattern", "alpha_pattern", "loftq_config"), ({}, None)),
+    **dict.fromkeys(("layers_pattern", "exclude_modules", "target_parameters"), (None, [])),
+    **dict.fromkeys(("layers_to_transform", "layer_replication", "trainable_token_indices",
+                     "alora_invocation_tokens", "megatron_config", "eva_config", "corda_config", "lora_ga_config",
+                     "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config"), (None,)),
+    # Other initialisations (pissa, olora, corda, loftq, ...) also rewrite W0, so the adapter only
+    # fits a base model that was changed the same way.
+    "init_lora_weights": (True, False, "gaussian"),
+}
+# how to give tied modules their own weights, for the refusals of `_tied`
+_UNTIE = ("untie it with a copy of its own, e.g. "
+          "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())")
+
+
+def _one_of(value, accepted) -> bool:
+    # by type too: layers_to_transform=0 is a layer, not False
+    return any(type(value) is type(a) and value == a for a in accepted)
+
+
+def _tied(model: nn.Module, train) -> list[str]:
+    """'a = b' for each parameter of the `train` modules that is also a parameter outside them
+    (tied embeddings): peft's modules_to_save copies only the listed module, so it would unshare them."""
+    heads = params.find_modules(model, train, nn.Module) if train else {}
+    names = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+
+    def inside(name: str) -> bool:
+        return any(name.startswith(h + ".") for h in heads)
+
+    return [" = ".join(group) for group in names.values() if any(map(inside, group)) and not all(map(inside, group))]
 
 
 def save_peft(
@@ -51,11 +88,18 @@ def save_peft(
 ) -> Path:
     """Write the model's LoRA adapter as a peft folder that `PeftModel.from_pretrained` loads.
 
-    `train` modules become peft's `modules_to_save`. `task_type` is peft's ("CAUSAL_LM",
-    "FEATURE_EXTRACTION", "SEQ_CLS", ...). The folder appears atomically (written to a temporary
-    folder, then renamed; into an existing folder each file is replaced atomically).
+    `train` modules become peft's `modules_to_save`; one tied to another module (a tied lm_head)
+    is refused, since peft would copy it alone. `task_type` is peft's ("CAUSAL_LM",
+    "FEATURE_EXTRACTION", "SEQ_CLS", ...). A new folder appears atomically (written to a temporary
+    folder, then renamed); into an existing folder each file is replaced atomically, and a failure
+    between the two leaves a mixed folder that `load_peft` refuses. Files are 0666 less the umask.
     """
     config = lora.get_config(model)
+    tied = _tied(model, config.train)
+    if tied:
+        raise ValueError(f"cannot export `train` weights tied to other modules ({'; '.join(tied)}): peft's "
+                         "modules_to_save copies only the listed module, so peft's outputs would differ from this "
+                         f"model's; {_UNTIE} (before lora.apply and training), or train without it")
     adapter_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -73,20 +117,23 @@ def save_peft(
         "alpha_pattern": {},
         "inference_mode": True,
     }
-    tensors = {PREFIX + k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()}
+    written_with = json.dumps({k: adapter_config[k] for k in WEIGHTS_DEPEND_ON})
+    weights = serialize({PREFIX + k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()},
+                        metadata={"format": "pt", WRITTEN_WITH: written_with})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint.temporary_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if path.exists():
+        try:
+            os.rename(tmp, path)  # fails onto a folder with files in it (or onto a file)
+        except OSError:
+            if not path.is_dir():
+                raise
             for name in (WEIGHTS_NAME, CONFIG_NAME):  # config last: it announces the weights
                 os.replace(tmp / name, path / name)
-        else:
-            os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -96,35 +143,53 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply LoRA to `model` as a peft adapter folder says, then load its weights strictly.
 
     Every key must match: missing, unexpected or wrongly shaped keys raise ValueError naming
-    them. Non-LoRA peft types raise NotImplementedError; LoRA variants we do not implement
-    (DoRA, bias training, per-layer ranks, ...) raise ValueError before the model is touched;
-    after a key error LoRA is removed again: on any failure the model is as before.
-    Returns the model.
+    them. Non-LoRA peft types raise NotImplementedError. ValueError, before the model is touched,
+    for: a config field we do not know (`FIELDS`), a LoRA variant we do not implement (DoRA, bias
+    training, per-layer ranks, ...), a pickled adapter_model.bin, weights and config from different
+    `save_peft` calls, and `modules_to_save` tied to other modules in `model`. After a key error
+    LoRA is removed again: on any failure the model is as before. Returns the model.
     """
     path = Path(path)
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config_path = path / CONFIG_NAME
+    config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise NotImplementedError(
-            f"{path / CONFIG_NAME}: peft_type {config.get('peft_type')!r}; only LORA adapters can be imported"
+            f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters can be imported"
         )
-    used = {k: config[k] for k in UNSUPPORTED if config.get(k) not in _OFF}
-    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
-        used["init_lora_weights"] = config["init_lora_weights"]
+    unknown = sorted(config.keys() - FIELDS.keys())
+    if unknown:
+        raise ValueError(f"{config_path}: unknown fields {unknown} (from a newer peft?); pefttutor refuses "
+                         "what it does not know rather than ignore a feature that changes the outputs")
+    used = {k: v for k, v in config.items() if FIELDS[k] is not ANY and not _one_of(v, FIELDS[k])}
     if used:
-        raise ValueError(f"{path / CONFIG_NAME} uses LoRA features pefttutor does not implement: {used}")
+        raise ValueError(f"{config_path} uses LoRA features pefttutor does not implement: {used}")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not targets:
-        raise ValueError(f"{path / CONFIG_NAME}: target_modules must be a list of names, got {targets!r}")
+        raise ValueError(f"{config_path}: target_modules must be a list of names, got {targets!r}")
+    if not (path / WEIGHTS_NAME).exists() and (path / PICKLE_NAME).exists():
+        raise ValueError(f"{path} holds {PICKLE_NAME} but no {WEIGHTS_NAME}: pickle files are refused on purpose "
+                         "(loading one can run arbitrary code); where you trust it, load it with peft and "
+                         "save_pretrained(..., safe_serialization=True)")
+    metadata, tensors = checkpoint.read_file(path / WEIGHTS_NAME)
+    written_with = json.loads(metadata.get(WRITTEN_WITH, "{}"))  # only our own exports record it
+    mixed = [f"{k}: weights {v!r}, config {config.get(k)!r}" for k, v in written_with.items() if config.get(k) != v]
+    if mixed:
+        raise ValueError(f"{path}: {WEIGHTS_NAME} and {CONFIG_NAME} come from different saves (a save_peft that "
+                         f"failed half way, or an edited config): {'; '.join(mixed)}; save the adapter again")
     # peft ignores modules_to_save names that match nothing (e.g. "score" added for SEQ_CLS next
     # to "classifier"); so do we. Their weights, if any, would still fail the strict key check.
     paths = [p for p, _ in model.named_modules()]
     train = [n for n in config.get("modules_to_save") or () if any(params._matches(p, n) for p in paths)]
+    tied = _tied(model, train)
+    if tied:
+        raise ValueError(f"{config_path}: modules_to_save {train} are tied to other modules in this model "
+                         f"({'; '.join(tied)}), but peft trained a copy of them alone; {_UNTIE}, then load")
     lora.apply(
         model, targets, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
         dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False), train=train,
     )
     try:
-        lora.load_adapter_state_dict(model, load_file(path / WEIGHTS_NAME), prefix=PREFIX)
+        lora.load_adapter_state_dict(model, tensors, prefix=PREFIX)
     except BaseException:
         lora.remove(model)
         raise

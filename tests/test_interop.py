@@ -3,6 +3,9 @@
 import copy
 import json
 import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import peft
 import pytest
@@ -14,9 +17,12 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from pefttutor import interop
 from pefttutor.methods import lora
 from pefttutor.models import Bert, Llama
+from tests.test_checkpoint import umask  # noqa: F401 (a fixture)
 
-# peft calls a deprecated transformers method
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # peft calls a deprecated method
+    pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),  # the tied tests' point
+]
 
 TOL = 1e-4
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -28,17 +34,22 @@ def _with_ours(hf):
     return (Bert if isinstance(hf, BertModel) else Llama).from_hf(hf.eval()).eval(), hf
 
 
+def _tiny_llama(tie_word_embeddings):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tie_word_embeddings))  # GQA: 4 query heads share 2 key/value heads
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
-    """Base model pairs, built once; each test works on copies (see `pair`)."""
-    torch.manual_seed(0)
-    tiny_llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False))  # GQA: 4 query heads share 2 key/value heads
+    """Base model pairs, built once; each test works on copies (see `pair`). The tied Llama shares
+    its embedding matrix with lm_head, as SmolLM2 does."""
     tiny_bert = BertModel(BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=32))
-    return {"tiny_llama": _with_ours(tiny_llama), "tiny_bert": _with_ours(tiny_bert)}
+    return {"tiny_llama": _with_ours(_tiny_llama(False)), "tiny_llama_tied": _with_ours(_tiny_llama(True)),
+            "tiny_bert": _with_ours(tiny_bert)}
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +132,11 @@ def test_export_loads_in_peft_with_same_outputs(request, case, tmp_path):
     lora.apply(ours, **kwargs)
     perturb((n, p) for n, p in ours.named_parameters() if p.requires_grad and ".lora_A." not in n)
     path = interop.save_peft(ours, tmp_path / "adapter", base_model_name_or_path=name, task_type=task_type)
-    with safe_open(str(path / interop.WEIGHTS_NAME), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+    with safe_open(str(path / interop.WEIGHTS_NAME), "pt") as f:  # the fields the weights were written with
+        metadata = f.metadata()
+    config = json.loads((path / interop.CONFIG_NAME).read_text())
+    written_with = json.dumps({k: config[k] for k in interop.WEIGHTS_DEPEND_ON})
+    assert metadata == {"format": "pt", interop.WRITTEN_WITH: written_with}
     adapted = peft.PeftModel.from_pretrained(hf, path).eval()
     compare(ours, adapted, base_out, ids, mask, f"export {case}")
 
@@ -185,6 +199,17 @@ def test_save_peft_then_load_peft_round_trip(request, tmp_path):
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
+def snapshot(model):
+    """Module types and tensors: what a refusal leaves as it was."""
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    modules, state = snapshot(model)
+    assert modules == before[0] and state.keys() == before[1].keys()
+    assert all(torch.equal(v, before[1][k]) for k, v in state.items())
+
+
 @pytest.fixture
 def peft_folder(request, tmp_path):
     """A peft-saved LoRA adapter on the tiny Llama (q_proj, v_proj; r=4)."""
@@ -216,13 +241,12 @@ WRONG_PREFIX = Q_A.replace("base_model.model.model.", "base_model.model.")  # a 
 def test_load_peft_refuses_keys_that_do_not_fit(request, peft_folder, change, named):
     rewrite_weights(peft_folder, change)
     ours, _ = pair(request, "tiny_llama")
-    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    before = snapshot(ours)
     with pytest.raises(ValueError) as err:
         interop.load_peft(ours, peft_folder)
     for text in named:
         assert text in str(err.value)
-    assert not lora.lora_layers(ours) and ours.state_dict().keys() == before.keys()  # LoRA taken out again
-    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    assert_untouched(ours, before)  # LoRA taken out again
 
 
 def test_peft_itself_ignores_a_renamed_key(request, peft_folder):
@@ -244,7 +268,9 @@ def test_load_peft_refuses_other_peft_types(request, tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"), ("rank_pattern", {"q_proj": 2}),
     ("alpha_pattern", {"v_proj": 4}), ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
-    ("target_modules", ".*q_proj"),
+    ("target_modules", ".*q_proj"), ("ensure_weight_tying", True),
+    ("layers_to_transform", 0),  # layer 0, not False
+    ("use_foo", True),  # a field we do not know: refused, not ignored
 ])
 def test_load_peft_refuses_unsupported_features_untouched(request, peft_folder, field, value):
     config_path = peft_folder / interop.CONFIG_NAME
@@ -255,3 +281,114 @@ def test_load_peft_refuses_unsupported_features_untouched(request, peft_folder, 
     with pytest.raises(ValueError, match=field):
         interop.load_peft(ours, peft_folder)
     assert not lora.lora_layers(ours)  # refused before touching the model
+
+
+def test_every_field_peft_writes_is_known_with_its_default_accepted():
+    """The allow-list covers the installed peft's LoraConfig exactly: a new peft's new field fails here first."""
+    written = peft.LoraConfig(target_modules=["q_proj"]).to_dict()
+    assert set(written) == set(interop.FIELDS)
+    assert all(interop._one_of(v, ok) for k, v in written.items() if (ok := interop.FIELDS[k]) is not interop.ANY)
+
+
+def test_load_peft_refuses_a_pickle_file_before_touching_the_model(request, peft_folder):
+    weights = peft_folder / interop.WEIGHTS_NAME
+    with safe_open(str(weights), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, peft_folder / "adapter_model.bin")  # peft's old format
+    weights.unlink()
+    ours, _ = pair(request, "tiny_llama")
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match="adapter_model.bin .*pickle files are refused on purpose.*safe_serialization"):
+        interop.load_peft(ours, peft_folder)
+    assert_untouched(ours, before)
+
+
+def untie(model):
+    """Give lm_head its own copy of the embedding matrix: peft's modules_to_save does the same."""
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+
+
+def test_save_peft_refuses_a_tied_lm_head_and_the_untied_one_gives_peft_the_same_outputs(request, tmp_path):
+    """Training a tied lm_head changes the embeddings too; peft's modules_to_save would copy lm_head alone."""
+    ours, hf = pair(request, "tiny_llama_tied")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and hf.config.tie_word_embeddings
+    lora.apply(ours, ["q_proj"], r=2, train=["lm_head"])
+    with pytest.raises(ValueError, match=r"tied to other modules \(model.embed_tokens.weight = lm_head.weight\)"):
+        interop.save_peft(ours, tmp_path / "adapter")
+    assert not list(tmp_path.iterdir())  # nothing written
+    ids, mask = inputs(hf)
+    with torch.no_grad():
+        base_out = outputs(hf, ids, mask)
+    ours, hf = pair(request, "tiny_llama_tied")
+    untie(ours)  # what the message advises
+    lora.apply(ours, ["q_proj"], r=2, train=["lm_head"])
+    perturb((n, p) for n, p in ours.named_parameters() if p.requires_grad)
+    path = interop.save_peft(ours, tmp_path / "adapter")
+    compare(ours, peft.PeftModel.from_pretrained(hf, path).eval(), base_out, ids, mask, "export untied lm_head")
+
+
+def test_load_peft_refuses_modules_to_save_tied_in_our_model(request, tmp_path):
+    """peft trains a copy of a tied lm_head and keeps the embeddings: one tied matrix cannot hold both."""
+    ours, hf = pair(request, "tiny_llama_tied")
+    ids, mask = inputs(hf)
+    with torch.no_grad():
+        base_out = outputs(hf, ids, mask)
+    adapted = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    perturb((n, p) for n, p in adapted.named_parameters() if ".lora_B." in n or ".modules_to_save." in n)
+    adapted.save_pretrained(tmp_path)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=r"modules_to_save \['lm_head'\] are tied .*untie it"):
+        interop.load_peft(ours, tmp_path)
+    assert_untouched(ours, before)
+    untie(ours)
+    interop.load_peft(ours, tmp_path)
+    compare(ours, adapted.eval(), base_out, ids, mask, "import lm_head into an untied copy")
+
+
+def test_a_save_peft_that_fails_half_way_leaves_a_folder_load_peft_refuses(request, tmp_path, monkeypatch):
+    ours, _ = pair(request, "tiny_llama")
+    lora.apply(ours, ["q_proj"], r=2, alpha=16)
+    interop.save_peft(ours, tmp_path)
+    lora.remove(ours)
+    lora.apply(ours, ["q_proj"], r=2, alpha=4)  # same keys and shapes: only the scaling differs
+    replace = os.replace
+
+    def fail_on_config(src, dst):
+        if str(dst).endswith(interop.CONFIG_NAME):
+            raise OSError("disk full")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        interop.save_peft(ours, tmp_path)  # into the existing folder: new weights, old config
+    monkeypatch.undo()
+    assert json.loads((tmp_path / interop.CONFIG_NAME).read_text())["lora_alpha"] == 16
+    fresh, _ = pair(request, "tiny_llama")
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="come from different saves .*lora_alpha: weights 4, config 16"):
+        interop.load_peft(fresh, tmp_path)
+    assert_untouched(fresh, before)
+
+
+def test_save_peft_writes_plain_modes(request, tmp_path, umask):  # noqa: F811
+    ours, _ = pair(request, "tiny_llama")
+    path = interop.save_peft(lora.apply(ours, ["q_proj"], r=2), tmp_path / "adapter")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (path, *path.iterdir())}
+    assert modes == {"adapter": 0o777 & ~umask, interop.CONFIG_NAME: 0o666 & ~umask,
+                     interop.WEIGHTS_NAME: 0o666 & ~umask}  # 0755 and 0644 under umask 022
+
+
+def test_threads_exporting_to_one_folder_never_collide(request, tmp_path):
+    ours, _ = pair(request, "tiny_llama")
+    lora.apply(ours, ["q_proj"], r=2)
+    start = threading.Barrier(4)
+
+    def export_often():
+        start.wait()
+        for _ in range(10):
+            interop.save_peft(ours, tmp_path / "adapter")
+
+    with ThreadPoolExecutor(4) as pool:
+        for done in [pool.submit(export_often) for _ in range(4)]:
+            done.result()  # re-raises a thread's error
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    interop.load_peft(pair(request, "tiny_llama")[0], tmp_path / "adapter")

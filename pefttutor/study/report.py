@@ -152,7 +152,9 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         planned = [e for e in all_experiments if e["task"] == task]
         extended = len([r for r in mine if r["config"].get("extends")])
         out.append(f"## {task}\n\n{len([e for e in planned if e['id'] in done])} of {len(planned)} planned runs done"
-                   + (f", and {extended} sweep extension{'s' * (extended != 1)} past an edge of a grid" if extended else "") + ".\n")
+                   + (f", and {extended} sweep extension{'s' * (extended != 1)} past an edge of a grid" if extended else "")
+                   + f"; {sum(r['total_time_s'] for r in mine) / 60:.0f} min of compute in all"
+                   f" (devices: {', '.join(sorted({r['provenance']['device'] for r in mine})) or 'none'}).\n")
         order = list(dict.fromkeys(e["name"] for e in planned))
         for group, title in (("final", "Converged runs (bf16 autocast in training; test in fp32)"),
                              ("fp32", "The same runs without autocast (fp32 throughout)")):
