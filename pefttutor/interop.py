@@ -1,4 +1,4 @@
-"""Exchange LoRA adapters with HF peft, without importing peft.
+"""Exchange LoRA and DoRA adapters with HF peft, without importing peft.
 
 A peft adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`. Our LoRA
 layers use peft's parameter names, so a key maps by a prefix only:
@@ -7,7 +7,8 @@ layers use peft's parameter names, so a key maps by a prefix only:
     peft: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 
 (`base_model.model.` is peft's wrapper; the module path after it is the HF model's, which our
-Llama and Bert mirror: `LlamaForCausalLM` <-> `Llama`, `BertModel` <-> `Bert`.)
+Llama and Bert mirror: `LlamaForCausalLM` <-> `Llama`, `BertModel` <-> `Bert`.) DoRA is peft's
+LoRA with `use_dora: true`, its magnitude at `...q_proj.lora_magnitude_vector` in both.
 
 peft itself loads leniently: a key with a wrong prefix is skipped with a warning and lora_B
 stays zero, so the "finetuned" model silently equals the base model. `load_peft` refuses instead.
@@ -25,7 +26,7 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from pefttutor import checkpoint, params
-from pefttutor.methods import lora
+from pefttutor.methods import applied, dora, lora
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -45,7 +46,8 @@ FIELDS = {
                      "target_modules", "modules_to_save"), ANY),
     "megatron_core": ANY, "qalora_group_size": ANY,  # used only with megatron_config / use_qalora, which must be off
     # what we do not implement, with the values that switch it off
-    **dict.fromkeys(("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "ensure_weight_tying"), (False,)),
+    "use_dora": (False, True),
+    **dict.fromkeys(("fan_in_fan_out", "lora_bias", "use_qalora", "ensure_weight_tying"), (False,)),
     "bias": ("none",),
     **dict.fromkeys(("rank_pattern", "alpha_pattern", "loftq_config"), ({}, None)),
     **dict.fromkeys(("layers_pattern", "exclude_modules", "target_parameters"), (None, [])),
@@ -80,13 +82,21 @@ def _tied(model: nn.Module, train) -> list[str]:
     return [" = ".join(group) for group in names.values() if any(map(inside, group)) and not all(map(inside, group))]
 
 
+def _method(model: nn.Module):
+    """The model's LoRA or DoRA (one peft LoRA folder holds one of them)."""
+    both = [m for m in (lora.METHOD, dora.METHOD) if m.name in applied(model)]
+    if len(both) > 1:
+        raise ValueError("this model has both LoRA and DoRA: a peft folder holds one LoRA adapter; save them apart")
+    return both[0] if both else lora.METHOD  # with neither, get_config says what to apply
+
+
 def save_peft(
     model: nn.Module,
     path: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write the model's LoRA adapter as a peft folder that `PeftModel.from_pretrained` loads.
+    """Write the model's LoRA (or DoRA) adapter as a peft folder that `PeftModel.from_pretrained` loads.
 
     `train` modules become peft's `modules_to_save`; one tied to another module (a tied lm_head)
     is refused, since peft would copy it alone. `task_type` is peft's ("CAUSAL_LM",
@@ -94,7 +104,8 @@ def save_peft(
     folder, then renamed); into an existing folder each file is replaced atomically, and a failure
     between the two leaves a mixed folder that `load_peft` refuses. Files are 0666 less the umask.
     """
-    config = lora.get_config(model)
+    method = _method(model)
+    config = method.get_config(model)
     tied = _tied(model, config.train)
     if tied:
         raise ValueError(f"cannot export `train` weights tied to other modules ({'; '.join(tied)}): peft's "
@@ -111,14 +122,14 @@ def save_peft(
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": config.rslora,
-        "use_dora": False,
+        "use_dora": method is dora.METHOD,
         "modules_to_save": list(config.train) or None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
     }
     written_with = json.dumps({k: adapter_config[k] for k in WEIGHTS_DEPEND_ON})
-    weights = serialize({PREFIX + k: v.contiguous() for k, v in lora.adapter_state_dict(model).items()},
+    weights = serialize({PREFIX + k: v.contiguous() for k, v in method.adapter_state_dict(model).items()},
                         metadata={"format": "pt", WRITTEN_WITH: written_with})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,11 +151,11 @@ def save_peft(
 
 
 def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply LoRA to `model` as a peft adapter folder says, then load its weights strictly.
+    """Apply LoRA (DoRA with `use_dora`) to `model` as a peft adapter folder says, then load its weights strictly.
 
     Every key must match: missing, unexpected or wrongly shaped keys raise ValueError naming
     them. Non-LoRA peft types raise NotImplementedError. ValueError, before the model is touched,
-    for: a config field we do not know (`FIELDS`), a LoRA variant we do not implement (DoRA, bias
+    for: a config field we do not know (`FIELDS`), a LoRA variant we do not implement (bias
     training, per-layer ranks, ...), a pickled adapter_model.bin, weights and config from different
     `save_peft` calls, and `modules_to_save` tied to other modules in `model`. After a key error
     LoRA is removed again: on any failure the model is as before. Returns the model.
@@ -184,13 +195,14 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if tied:
         raise ValueError(f"{config_path}: modules_to_save {train} are tied to other modules in this model "
                          f"({'; '.join(tied)}), but peft trained a copy of them alone; {_UNTIE}, then load")
-    lora.apply(
+    method = dora.METHOD if config.get("use_dora") else lora.METHOD
+    method.apply(
         model, targets, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
         dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False), train=train,
     )
     try:
-        lora.load_adapter_state_dict(model, tensors, prefix=PREFIX)
+        method.load_adapter_state_dict(model, tensors, prefix=PREFIX)
     except BaseException:
-        lora.remove(model)
+        method.remove(model)
         raise
     return model

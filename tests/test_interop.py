@@ -266,7 +266,7 @@ def test_load_peft_refuses_other_peft_types(request, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"), ("rank_pattern", {"q_proj": 2}),
+    ("use_dora", 1), ("fan_in_fan_out", True), ("bias", "all"), ("rank_pattern", {"q_proj": 2}),
     ("alpha_pattern", {"v_proj": 4}), ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
     ("target_modules", ".*q_proj"), ("ensure_weight_tying", True),
     ("layers_to_transform", 0),  # layer 0, not False
