@@ -1,4 +1,4 @@
-"""Exchange LoRA and DoRA adapters with HF peft, without importing peft.
+"""Exchange LoRA, DoRA and IA3 adapters with HF peft, without importing peft.
 
 A peft adapter is a folder with `adapter_config.json` and `adapter_model.safetensors`. Our LoRA
 layers use peft's parameter names, so a key maps by a prefix only:
@@ -8,7 +8,8 @@ layers use peft's parameter names, so a key maps by a prefix only:
 
 (`base_model.model.` is peft's wrapper; the module path after it is the HF model's, which our
 Llama and Bert mirror: `LlamaForCausalLM` <-> `Llama`, `BertModel` <-> `Bert`.) DoRA is peft's
-LoRA with `use_dora: true`, its magnitude at `...q_proj.lora_magnitude_vector` in both.
+LoRA with `use_dora: true`, its magnitude at `...q_proj.lora_magnitude_vector` in both; IA3 is
+peft_type IA3, its vectors at `...k_proj.ia3_l`, shaped as peft's.
 
 peft itself loads leniently: a key with a wrong prefix is skipped with a warning and lora_B
 stays zero, so the "finetuned" model silently equals the base model. `load_peft` refuses instead.
@@ -26,7 +27,7 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from pefttutor import checkpoint, params
-from pefttutor.methods import applied, dora, lora
+from pefttutor.methods import applied, dora, ia3, lora
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -35,6 +36,7 @@ PICKLE_NAME = "adapter_model.bin"  # peft's old format: unpickling it could run 
 # The adapter_config.json fields the weights depend on, also kept in the weights' metadata (under
 # WRITTEN_WITH), so that a folder whose two files come from different saves is refused.
 WEIGHTS_DEPEND_ON = ("r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save")
+IA3_WEIGHTS_DEPEND_ON = ("target_modules", "feedforward_modules", "modules_to_save")
 WRITTEN_WITH = "pefttutor_adapter_config"
 
 ANY = None
@@ -58,6 +60,14 @@ FIELDS = {
     # fits a base model that was changed the same way.
     "init_lora_weights": (True, False, "gaussian"),
 }
+# Every field peft's IA3Config (0.21) writes; init_ia3_weights only matters before training.
+IA3_FIELDS = {
+    **dict.fromkeys(("peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision",
+                     "auto_mapping", "inference_mode", "target_modules", "feedforward_modules", "modules_to_save",
+                     "init_ia3_weights"), ANY),
+    "fan_in_fan_out": (False,), "exclude_modules": (None, []),
+}
+_KINDS = {"LORA": (FIELDS, WEIGHTS_DEPEND_ON), "IA3": (IA3_FIELDS, IA3_WEIGHTS_DEPEND_ON)}
 # how to give tied modules their own weights, for the refusals of `_tied`
 _UNTIE = ("untie it with a copy of its own, e.g. "
           "model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())")
@@ -83,11 +93,23 @@ def _tied(model: nn.Module, train) -> list[str]:
 
 
 def _method(model: nn.Module):
-    """The model's LoRA or DoRA (one peft LoRA folder holds one of them)."""
-    both = [m for m in (lora.METHOD, dora.METHOD) if m.name in applied(model)]
-    if len(both) > 1:
-        raise ValueError("this model has both LoRA and DoRA: a peft folder holds one LoRA adapter; save them apart")
-    return both[0] if both else lora.METHOD  # with neither, get_config says what to apply
+    """The model's LoRA, DoRA or IA3 (a peft folder holds one adapter)."""
+    found = [m for m in (lora.METHOD, dora.METHOD, ia3.METHOD) if m.name in applied(model)]
+    if len(found) > 1:
+        raise ValueError(f"this model has {[m.title for m in found]}: a peft folder holds one adapter; save them apart")
+    return found[0] if found else lora.METHOD  # with none, get_config says what to apply
+
+
+def _peft_config(method, config, task_type, base_model_name_or_path) -> dict:
+    """adapter_config.json for our config, with every switch we do not implement off."""
+    common = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+              "target_modules": list(config.targets), "fan_in_fan_out": False,
+              "modules_to_save": list(config.train) or None, "inference_mode": True}
+    if method is ia3.METHOD:
+        return {"peft_type": "IA3", **common, "feedforward_modules": list(config.feedforward)}
+    return {"peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+            "bias": "none", "use_rslora": config.rslora, "use_dora": method is dora.METHOD,
+            "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def save_peft(
@@ -96,7 +118,7 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write the model's LoRA (or DoRA) adapter as a peft folder that `PeftModel.from_pretrained` loads.
+    """Write the model's LoRA, DoRA or IA3 adapter as a peft folder that `PeftModel.from_pretrained` loads.
 
     `train` modules become peft's `modules_to_save`; one tied to another module (a tied lm_head)
     is refused, since peft would copy it alone. `task_type` is peft's ("CAUSAL_LM",
@@ -111,24 +133,8 @@ def save_peft(
         raise ValueError(f"cannot export `train` weights tied to other modules ({'; '.join(tied)}): peft's "
                          "modules_to_save copies only the listed module, so peft's outputs would differ from this "
                          f"model's; {_UNTIE} (before lora.apply and training), or train without it")
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "target_modules": list(config.targets),
-        "lora_dropout": config.dropout,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": config.rslora,
-        "use_dora": method is dora.METHOD,
-        "modules_to_save": list(config.train) or None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "inference_mode": True,
-    }
-    written_with = json.dumps({k: adapter_config[k] for k in WEIGHTS_DEPEND_ON})
+    adapter_config = _peft_config(method, config, task_type, base_model_name_or_path)
+    written_with = json.dumps({k: adapter_config[k] for k in _KINDS[adapter_config["peft_type"]][1]})
     weights = serialize({PREFIX + k: v.contiguous() for k, v in method.adapter_state_dict(model).items()},
                         metadata={"format": "pt", WRITTEN_WITH: written_with})
     path = Path(path)
@@ -151,10 +157,10 @@ def save_peft(
 
 
 def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply LoRA (DoRA with `use_dora`) to `model` as a peft adapter folder says, then load its weights strictly.
+    """Apply LoRA (DoRA with `use_dora`) or IA3 to `model` as a peft adapter folder says, then load its weights strictly.
 
     Every key must match: missing, unexpected or wrongly shaped keys raise ValueError naming
-    them. Non-LoRA peft types raise NotImplementedError. ValueError, before the model is touched,
+    them. Other peft types raise NotImplementedError. ValueError, before the model is touched,
     for: a config field we do not know (`FIELDS`), a LoRA variant we do not implement (bias
     training, per-layer ranks, ...), a pickled adapter_model.bin, weights and config from different
     `save_peft` calls, and `modules_to_save` tied to other modules in `model`. After a key error
@@ -163,17 +169,17 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     config_path = path / CONFIG_NAME
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise NotImplementedError(
-            f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters can be imported"
-        )
-    unknown = sorted(config.keys() - FIELDS.keys())
+    kind = config.get("peft_type")
+    if kind not in _KINDS:
+        raise NotImplementedError(f"{config_path}: peft_type {kind!r}; only {' and '.join(_KINDS)} adapters can be imported")
+    fields = _KINDS[kind][0]
+    unknown = sorted(config.keys() - fields.keys())
     if unknown:
         raise ValueError(f"{config_path}: unknown fields {unknown} (from a newer peft?); pefttutor refuses "
                          "what it does not know rather than ignore a feature that changes the outputs")
-    used = {k: v for k, v in config.items() if FIELDS[k] is not ANY and not _one_of(v, FIELDS[k])}
+    used = {k: v for k, v in config.items() if fields[k] is not ANY and not _one_of(v, fields[k])}
     if used:
-        raise ValueError(f"{config_path} uses LoRA features pefttutor does not implement: {used}")
+        raise ValueError(f"{config_path} uses {kind} features pefttutor does not implement: {used}")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not targets:
         raise ValueError(f"{config_path}: target_modules must be a list of names, got {targets!r}")
@@ -195,11 +201,13 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if tied:
         raise ValueError(f"{config_path}: modules_to_save {train} are tied to other modules in this model "
                          f"({'; '.join(tied)}), but peft trained a copy of them alone; {_UNTIE}, then load")
-    method = dora.METHOD if config.get("use_dora") else lora.METHOD
-    method.apply(
-        model, targets, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
-        dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False), train=train,
-    )
+    if kind == "IA3":
+        method = ia3.METHOD
+        method.apply(model, targets, config.get("feedforward_modules") or (), train=train)
+    else:
+        method = dora.METHOD if config.get("use_dora") else lora.METHOD
+        method.apply(model, targets, r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+                     dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False), train=train)
     try:
         method.load_adapter_state_dict(model, tensors, prefix=PREFIX)
     except BaseException:
