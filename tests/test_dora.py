@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pefttutor import interop
 from pefttutor.methods import applied, dora
 from pefttutor.methods.dora import DoRALinear
 from pefttutor.models import Bert, Llama
-from tiny_models import tiny_hf
+from tiny_models import through_peft, tiny_hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft calls it
 
@@ -105,25 +104,10 @@ def test_same_outputs_gradients_and_merge_as_peft(family):
 @pytest.mark.parametrize("direction", ["export", "import"])
 def test_interop_with_peft_both_ways(direction, tmp_path):
     """Our DoRA adapter as a peft folder (use_dora: true) gives peft our outputs, and peft's loads into ours."""
-    hf = tiny_hf("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    ours, theirs, hf = through_peft(direction, dora.METHOD, config, tmp_path, targets=["q_proj", "v_proj"], r=4, alpha=8)
+    assert list(applied(ours)) == ["dora"] and dora.get_config(ours).r == 4
     ids = torch.randint(0, 64, (2, 7))
-    g = torch.Generator().manual_seed(2)
-    if direction == "export":
-        ours = dora.apply(Llama.from_hf(hf).eval(), ["q_proj", "v_proj"], r=4, alpha=8)
-        with torch.no_grad():
-            for p in dora.trainable(ours).values():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        interop.save_peft(ours, tmp_path / "a", task_type="CAUSAL_LM")
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "a").eval()
-    else:
-        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                                                         target_modules=["q_proj", "v_proj"])).eval()
-        with torch.no_grad():
-            for p in (p for n, p in theirs.named_parameters() if p.requires_grad):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        theirs.save_pretrained(tmp_path / "a")
-        ours = interop.load_peft(Llama.from_hf(hf).eval(), tmp_path / "a")
-        assert list(applied(ours)) == ["dora"] and dora.get_config(ours).r == 4
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter does something

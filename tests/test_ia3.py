@@ -11,7 +11,7 @@ from pefttutor import calculator, interop, params
 from pefttutor.methods import ia3
 from pefttutor.methods.ia3 import IA3Linear
 from pefttutor.models import Bert, Llama
-from tiny_models import tiny_hf
+from tiny_models import through_peft, tiny_hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft calls it
 
@@ -86,26 +86,12 @@ def test_every_field_peft_writes_is_known():
 @pytest.mark.parametrize("direction", ["export", "import"])
 def test_interop_with_peft_both_ways(direction, tmp_path):
     """Our IA3 adapter as a peft folder (peft_type IA3) gives peft our outputs, and peft's loads into ours."""
-    hf = tiny_hf("llama")
     targets, feedforward = TARGETS["llama"]
+    config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    ours, theirs, hf = through_peft(direction, ia3.METHOD, config, tmp_path, scale=0.3, targets=targets,
+                                    feedforward=feedforward)
+    assert ia3.get_config(ours).feedforward == ("down_proj",)
     ids = torch.randint(0, 64, (2, 7))
-    g = torch.Generator().manual_seed(2)
-    if direction == "export":
-        ours = ia3.apply(Llama.from_hf(hf).eval(), targets, feedforward)
-        with torch.no_grad():
-            for p in ia3.trainable(ours).values():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        interop.save_peft(ours, tmp_path / "a", task_type="CAUSAL_LM")
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "a").eval()
-    else:
-        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(target_modules=targets,
-                                                                       feedforward_modules=feedforward)).eval()
-        with torch.no_grad():
-            for p in (p for p in theirs.parameters() if p.requires_grad):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        theirs.save_pretrained(tmp_path / "a")
-        ours = interop.load_peft(Llama.from_hf(hf).eval(), tmp_path / "a")
-        assert ia3.get_config(ours).feedforward == ("down_proj",)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() > 1e-3

@@ -44,3 +44,32 @@ def tiny_hf(family: str, seed: int = 0):
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
         max_position_embeddings=c.max_position_embeddings)).eval()
+
+
+def through_peft(direction: str, method, peft_config, tmp_path, scale: float = 0.05, **settings):
+    """(ours, peft's) tiny Llama pair holding the same non-trivial adapter, moved across as a peft folder:
+    "export" trains nothing but perturbs ours and `interop.save_peft`s it into peft; "import" perturbs
+    peft's and `interop.load_peft`s its `save_pretrained` folder into ours."""
+    import copy
+
+    import peft
+
+    from pefttutor import interop
+
+    hf = tiny_hf("llama")
+    g = torch.Generator().manual_seed(2)
+
+    def perturb(parameters):
+        with torch.no_grad():
+            for p in parameters:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+    if direction == "export":
+        ours = method.apply(Llama.from_hf(hf).eval(), **settings)
+        perturb(method.trainable(ours).values())
+        interop.save_peft(ours, tmp_path / "a", task_type="CAUSAL_LM")
+        return ours, peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "a").eval(), hf
+    theirs = peft.get_peft_model(copy.deepcopy(hf), peft_config).eval()
+    perturb(p for p in theirs.parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "a")
+    return interop.load_peft(Llama.from_hf(hf).eval(), tmp_path / "a"), theirs, hf
