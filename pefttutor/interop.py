@@ -101,15 +101,17 @@ def _method(model: nn.Module):
 
 
 def _peft_config(method, config, task_type, base_model_name_or_path) -> dict:
-    """adapter_config.json for our config, with every switch we do not implement off."""
-    common = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-              "target_modules": list(config.targets), "fan_in_fan_out": False,
-              "modules_to_save": list(config.train) or None, "inference_mode": True}
+    """adapter_config.json for our config, with every switch we do not implement off (in peft's order)."""
+    head = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
     if method is ia3.METHOD:
-        return {"peft_type": "IA3", **common, "feedforward_modules": list(config.feedforward)}
-    return {"peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-            "bias": "none", "use_rslora": config.rslora, "use_dora": method is dora.METHOD,
-            "rank_pattern": {}, "alpha_pattern": {}}
+        return {"peft_type": "IA3", **head, "target_modules": list(config.targets),
+                "feedforward_modules": list(config.feedforward), "fan_in_fan_out": False,
+                "modules_to_save": list(config.train) or None, "inference_mode": True}
+    return {"peft_type": "LORA", **head, "r": config.r, "lora_alpha": config.alpha,
+            "target_modules": list(config.targets), "lora_dropout": config.dropout, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": config.rslora, "use_dora": method is dora.METHOD,
+            "modules_to_save": list(config.train) or None, "rank_pattern": {}, "alpha_pattern": {},
+            "inference_mode": True}
 
 
 def save_peft(
