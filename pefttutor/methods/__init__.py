@@ -29,8 +29,8 @@ def get(name: str) -> Method:
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load any method's adapter file into `model`: the file names its method."""
-    header, _ = checkpoint.read(path)
-    return get(header["method"]).load(model, path)
+    header, tensors = checkpoint.read(path)
+    return get(header["method"])._load(model, path, header, tensors)
 
 
 __all__ = ["METHODS", "Method", "adapters", "applied", "dora", "get", "ia3", "llama_adapter", "load", "lora",

@@ -234,7 +234,9 @@ class Method:
         it, the `must_match` settings must equal the saved ones. The file must come from the same
         base model (`identity`) and fit exactly; on any failure the model is exactly as before.
         """
-        header, tensors = checkpoint.read(path)
+        return self._load(model, path, *checkpoint.read(path))
+
+    def _load(self, model: nn.Module, path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
         if header["method"] != self.name:
             raise ValueError(f"{path} holds a {header['method']!r} adapter, not {self.name!r}: "
                              f"load it with pefttutor.methods.{header['method']}.load (or pefttutor.methods.load)")
