@@ -257,8 +257,7 @@ class Method:
         try:
             self.load_adapter_state_dict(model, tensors)
         except BaseException:
-            self._undo(model, self._record(model).flags)
-            self._forget(model)
+            self.remove(model)
             raise
         return model
 
