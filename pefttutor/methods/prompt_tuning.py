@@ -21,7 +21,8 @@ sampled vocabulary tokens, peft's SAMPLE_VOCAB) and "text" (the embeddings of th
 `init_text`, e.g. the class labels, repeated or cut to P tokens; peft's TEXT, special tokens included).
 
 P_e enters as an `input_prefix` in the model's `peft` extension point (`Llama` and `Bert`, also
-inside a wrapper such as `BertClassifier`; `pefttutor/models/attention.py`): the model prepends it to the word embeddings (Bert: before position
+inside a wrapper such as `BertClassifier`; `pefttutor/models/attention.py`): the model prepends
+it to the word embeddings (Bert: before position
 and token-type embeddings, as peft does), extends the attention mask by P ones, keeps the virtual
 tokens in the KV cache while generating, and returns outputs for the real tokens only, so losses,
 `predict_classes` and `generate` work unchanged. Like peft, the parameter is `prompt_embeddings`.
