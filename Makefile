@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test execute figures site study bench bench-quick data clean
+.PHONY: setup lab test execute figures site study ddp bench bench-quick data clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ site: $(STAMP)
 # finished runs are skipped). STUDY_ARGS passes options, e.g. STUDY_ARGS="--list" or "--only lora".
 study: $(STAMP)
 	$(PY) -m pefttutor.study $(STUDY_ARGS)
+
+# MiniLM LoRA on the tweets in 2 processes (DDP; gloo on CPU, NCCL on CUDA). DDP_ARGS passes options,
+# e.g. DDP_ARGS="--strategy fsdp --method full"; "--measure benchmarks/distributed.json" measures all.
+ddp: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pefttutor.distributed $(DDP_ARGS)
 
 # pefttutor against transformers + peft, side by side in one process: training step time, peak
 # memory, latency (benchmarks/results.json and RESULTS.md; about 25 minutes on 2 busy CPU cores).

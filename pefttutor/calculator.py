@@ -41,7 +41,15 @@ A tied output layer (the token-embedding matrix reused as the LM head) is counte
   prompt and a per-head zero-init gate in each of the top n_layers layers);
 * "dora": LoRA's count plus d_out per adapted matrix, the magnitude vector (Liu et al. 2024);
 * "ia3": one number per scaled feature: d_out per target, d_in per `feedforward` target (Liu et al.
-  2022: keys, values and the feed-forward output projection's input by default).
+  2022: keys, values and the feed-forward output projection's input by default);
+* "qlora": LoRA's count, on every block linear by default (Dettmers et al. 2023): the base is
+  stored in 4 bits and trains nothing.
+
+**A 4-bit base** (QLoRA, `quantized_bytes`): each quantized matrix of n weights stores n / 2 bytes
+of codes and one absmax per block of 64: 4 bytes, or with double quantization 1 byte plus 4 per
+256 absmax and a 4-byte mean, so `bits_per_parameter` is 4 + 32/64 = 4.5, or 4 + 8/64 +
+32/(64 * 256) ~ 4.127 (the paper's section 3); everything else keeps its dtype.
+`training_memory(arch, "qlora")` counts the frozen weights so.
 
 Sizes are in bytes; `gb()` divides by 1e9 (decimal gigabytes, as GPU memory is quoted).
 """
@@ -54,7 +62,7 @@ from dataclasses import dataclass
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "momentum": 1, "sgd": 0}
 FAMILIES = ("llama", "bert", "roberta", "gpt")
-METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "adapters", "llama_adapter", "dora", "ia3")
+METHODS = ("full", "lora", "prompt_tuning", "prefix_tuning", "adapters", "llama_adapter", "dora", "ia3", "qlora")
 PLACEMENTS = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}  # bottleneck adapters per layer
 # `peft_params`' hyperparameters per method, with their defaults
 HPARAMS = {
@@ -66,7 +74,9 @@ HPARAMS = {
     "llama_adapter": {"n_tokens": 10, "n_layers": None},  # None: every layer
     "dora": {"r": 8, "targets": ("q", "v")},
     "ia3": {"targets": ("k", "v", "down"), "feedforward": ("down",)},
+    "qlora": {"r": 8, "targets": None, "double_quant": True},  # targets None: every linear of the block
 }
+QUANT_BLOCK, QUANT_BLOCK_ABSMAX = 64, 256  # QLoRA's block sizes (pefttutor.quant.BLOCK, BLOCK_ABSMAX)
 
 # Canonical names of a block's weight matrices, and the module names they go by in our models / HF.
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -251,6 +261,8 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
     llama_adapter(n_tokens=10, n_layers=None)
                                              n_layers * (n_tokens * d_model + n_heads); None = all layers
     dora(r=8, targets=("q", "v"))            lora's count + n_layers * sum over targets of d_out
+    qlora(r=8, targets=None, double_quant=True)  (None: every block linear)
+                                             lora's count (double_quant only changes the base's bytes)
     ia3(targets=("k", "v", "down"), feedforward=("down",))
                                              n_layers * sum over targets of d_out (d_in if feedforward)
     """
@@ -264,6 +276,8 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
     d, L = a.d_model, a.n_layers
     if method == "full":
         return total_params(a)
+    if method == "qlora":
+        return lora_params(a, h["r"], h["targets"] or tuple(block_linears(a)))
     if method in ("lora", "dora"):
         magnitudes = L * sum(block_linears(a)[t][1] for t in _canonical(h["targets"], a)) if method == "dora" else 0
         return lora_params(a, **h) + magnitudes
@@ -293,6 +307,33 @@ def peft_params(arch: Arch | str | dict, method: str = "full", **hparams) -> int
 # ------------------------------------------------------------------------------------------------
 
 
+def bits_per_parameter(double_quant: bool = True) -> float:
+    """4-bit storage per weight for large matrices: 4 + 32/64 = 4.5 bits, ~4.127 with double quantization."""
+    return 4 + (8 / QUANT_BLOCK + 32 / (QUANT_BLOCK * QUANT_BLOCK_ABSMAX) if double_quant else 32 / QUANT_BLOCK)
+
+
+def quantized_matrix_bytes(n: int, double_quant: bool = True) -> int:
+    """Bytes of one matrix of n weights in 4 bits, exactly: ceil(n / 2) of codes, ceil(n / 64)
+    absmax of 4 bytes, or of 1 byte plus ceil(n / 64 / 256) fp32 constants and the fp32 mean."""
+    blocks = -(-n // QUANT_BLOCK)
+    constants = blocks + 4 * -(-blocks // QUANT_BLOCK_ABSMAX) + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + constants
+
+
+def quantized_bytes(arch: Arch | str | dict, targets: str | Iterable[str] | None = None, double_quant: bool = True,
+                    dtype: str = "fp32") -> float:
+    """Bytes of the model with `targets` (None: every linear) of every block stored in 4 bits
+    (QLoRA), all else in `dtype`."""
+    a = get_arch(arch)
+    targets = targets or tuple(block_linears(a))
+    if dtype not in BYTES_PER_VALUE:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(BYTES_PER_VALUE)}")
+    shapes = block_linears(a)
+    n = [shapes[t][0] * shapes[t][1] for t in dict.fromkeys(_canonical(targets, a))]
+    return (total_params(a) - a.n_layers * sum(n)) * BYTES_PER_VALUE[dtype] + a.n_layers * sum(
+        quantized_matrix_bytes(k, double_quant) for k in n)
+
+
 def training_memory(
     arch: Arch | str | dict | int,
     method: str = "full",
@@ -311,7 +352,8 @@ def training_memory(
     method:      as in `peft_params` (with its **hparams); or give `n_trainable` directly;
     dtype:       how weights, gradients and states are stored ("fp32", "bf16", "fp16", ...);
     optimizer:   "adam"/"adamw" (2 states), "momentum" (1), "sgd" (0).
-    A PEFT method's parameters are stored beside the frozen model's (weights: N + T values).
+    A PEFT method's parameters are stored beside the frozen model's (weights: N + T values); with
+    "qlora" the frozen model's bytes are `quantized_bytes` (its hparams: r, targets, double_quant).
     With batch_size and seq_len (and an architecture, not an int) the dict also holds
     "activations (estimate)" from `activation_memory_bytes` (backpropagation through every block,
     which every method here needs except training the head alone), included in the total.
@@ -321,6 +363,8 @@ def training_memory(
     if dtype not in BYTES_PER_VALUE:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(BYTES_PER_VALUE)}")
     is_count = isinstance(arch, (int, float))
+    if is_count and method == "qlora":
+        raise ValueError("qlora needs an architecture (preset name, Arch or dict) to know which weights are 4-bit")
     n = int(arch) if is_count else total_params(arch)
     if n_trainable is not None:
         t = int(n_trainable)
@@ -332,7 +376,11 @@ def training_memory(
         raise ValueError(f"n_trainable must be between 0 and n_params ({n:,}), got {t:,}")
     b = BYTES_PER_VALUE[dtype]
     added = 0 if is_count or method == "full" else t  # PEFT parameters come on top of the frozen model
-    out = {"weights": (n + added) * b, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
+    weights = (n + added) * b
+    if method == "qlora":
+        h = {**HPARAMS["qlora"], **hparams}
+        weights = quantized_bytes(arch, h["targets"], h["double_quant"], dtype) + t * b
+    out = {"weights": weights, "gradients": t * b, "optimizer": t * OPTIMIZER_STATES[optimizer] * b}
     if batch_size and seq_len:
         if is_count:
             raise ValueError("activations need an architecture (preset name, Arch or dict), not a bare count")

@@ -38,10 +38,13 @@ def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, header: d
     The file is written by a plain open(), so its mode is 0666 less the umask, like any other file
     (safetensors' own save_file makes it 0600).
     """
-    path = Path(path)
-    data = serialize({k: v.detach().contiguous() for k, v in tensors.items()},
-                     metadata={"format": "pt", HEADER: json.dumps(header)})
-    tmp = temporary_path(path)
+    write_atomic(path, serialize({k: v.detach().contiguous() for k, v in tensors.items()},
+                                 metadata={"format": "pt", HEADER: json.dumps(header)}))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling and os.replace: never half a file."""
+    tmp = temporary_path(Path(path))
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

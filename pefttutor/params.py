@@ -52,13 +52,14 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, new)
 
 
-def wrap_linears(model: nn.Module, targets, make) -> None:
-    """Replace every nn.Linear matching `targets` by `make(linear)` (in the same train/eval mode).
+def wrap_linears(model: nn.Module, targets, make, cls: type[nn.Module] = nn.Linear) -> None:
+    """Replace every nn.Linear (or `cls`: QLoRA's 4-bit layer) matching `targets` by `make(linear)`
+    (in the same train/eval mode).
 
     Refused inside a wrapper that reads its base's weight (LoRA, DoRA, IA3 on one layer): the outer
     one would compute with, or merge into, a W0 that no longer is the layer.
     """
-    found = find_modules(model, targets)  # a typo lists the valid names
+    found = find_modules(model, targets, cls)  # a typo lists the valid names
     taken = {p: type(model.get_submodule(p.rpartition(".")[0])).__name__ for p in found
              if getattr(model.get_submodule(p.rpartition(".")[0]), "reads_base_weight", False)}
     if taken:

@@ -7,6 +7,9 @@ code values; two 4-bit codes share a byte (the first value in the high nibble). 
 quantiles of N(0, 1), rescaled to [-1, 1]: pretrained weights are roughly normal, so each code is
 used about equally often, which is what makes a 4-bit type information-theoretically optimal for
 them (the paper's section 3). NF4 has an exact zero, 8 positive and 7 negative codes.
+For comparison, "int4" is the plain symmetric integer absmax code: the 15 levels k / 7, k = -7..7
+(round(7 x / absmax), as LLM.int8's absmax quantization does with 8 bits), evenly spaced, so the
+many values near 0 and the few in the tails get the same resolution.
 
 Double quantization quantizes the absmax constants too: their mean is subtracted and the rest is
 stored in 8 bits (bitsandbytes' signed "dynamic" code, blockwise with blocks of 256, each block's
@@ -18,7 +21,7 @@ own fp32 absmax). Per parameter that is 4 + 32/64 = 4.5 bits without it and
 
 Written to agree byte for byte with bitsandbytes (`functional.quantize_4bit` / `dequantize_4bit`,
 tested in tests/test_quant.py): the same code tables, the same nearest-code rounding (ties to the
-lower code), the same order of operations.
+lower code), the same order of operations. (bitsandbytes has no int4; it goes through the same code.)
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def nf4_code() -> torch.Tensor:
 # 4, 6, 2, 3, 1, 1.5, divided by the largest, 6; codes 8-15 are the same with the sign bit set
 _FP4_MAGNITUDES = torch.tensor([0.0, 1 / 32, 4.0, 6.0, 2.0, 3.0, 1.0, 1.5]) / 6
 FP4 = torch.cat([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]) + 0.0  # + 0.0: code 8 is +0, not -0
-CODES = {"nf4": nf4_code(), "fp4": FP4}
+# int4: symmetric absmax integers, 15 levels (-8 is left out so that +-1 both exist and 0 is exact)
+INT4 = torch.arange(-7, 8, dtype=torch.float32) / 7
+CODES = {"nf4": nf4_code(), "fp4": FP4, "int4": INT4}
 
 
 def dynamic_code() -> torch.Tensor:
@@ -99,7 +104,9 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(A: torch.Tensor, quant_type: str = "nf4", double_quant: bool = False) -> tuple[torch.Tensor, QuantState]:
-    """4-bit blockwise quantization of a float tensor: (packed uint8 codes, the state to undo it)."""
+    """4-bit blockwise quantization of a float tensor: (packed uint8 codes, the state to undo it).
+
+    `quant_type`: "nf4" or "fp4" (bitsandbytes' codes) or "int4" (15 evenly spaced levels, ours)."""
     if quant_type not in CODES:
         raise ValueError(f"unknown quant_type {quant_type!r}; valid: {', '.join(CODES)}")
     if A.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import get_device, seed_everything
-from . import checks
+from . import checks, distributed as dist_
 from .params import count_parameters
 
 Batch = dict[str, torch.Tensor]
@@ -45,6 +45,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     loss_curve: list[float] = field(default_factory=list)
     eval_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    allreduce_bytes_per_step: float | None = None  # gradient bytes DDP all-reduced per step (DDP only)
 
     @property
     def trainable_pct(self) -> float:
@@ -221,6 +222,7 @@ def train(
     progress: bool = True,
     autocast: str | None = None,
     should_stop: Callable[[list[tuple[int, dict[str, float]]]], bool] | None = None,
+    distributed: dist_.Strategy | str | None = None,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad, for `steps` optimizer steps.
 
@@ -234,6 +236,10 @@ def train(
     should_stop: `should_stop(eval_curve) -> bool`, asked after each periodic evaluation; True ends
               training there (early stopping). The result's `steps` is the number actually run, and
               no extra final evaluation is made.
+    distributed: "ddp" or "fsdp" (or a `distributed.Strategy`), in every process of a torchrun
+              launch: each process trains on its rows of every batch, gradients are averaged, the
+              loss curve is the processes' average. `batches` are the global batches, the same in
+              every process; `evaluate` runs in every process. See `pefttutor.distributed`.
 
     A non-finite loss or gradient norm stops training with FloatingPointError before that step's
     update. However training ends (an error, Ctrl-C), the model is left in eval mode without gradients.
@@ -242,11 +248,18 @@ def train(
     if autocast not in AUTOCAST:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {autocast!r}")
     device = torch.device(device) if device is not None else get_device()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a method or unfreeze some")
+    trainable, total = count_parameters(model)
     seed_everything(seed)
     model.to(device)
+    engine, rank, world, counter = model, 0, 1, None  # engine: what forward and backward run through
+    if distributed is not None:
+        how = dist_.strategy(distributed)
+        rank, world = dist_.init(device)
+        engine = dist_.wrap(model, how, device)
+        counter = dist_.AllReduceCounter(engine) if how.kind == "ddp" else None
+    params = [p for p in engine.parameters() if p.requires_grad]  # after wrapping: FSDP2 registers its own
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **_fused(params))
     warmup_steps = max(1, round(warmup * steps) if warmup < 1 else int(warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -260,7 +273,6 @@ def train(
         eval_curve.append((step, metrics))
         return metrics
 
-    trainable, total = count_parameters(model)
     losses: list[float] = []
     step_times: list[float] = []
     eval_curve: list[tuple[int, dict[str, float]]] = []
@@ -273,15 +285,21 @@ def train(
     stopped = False
     with _left_clean(model, optimizer, bar), PeakMemory(device) as memory:
         for step in range(1, steps + 1):
-            model.train()
+            engine.train()
             batch = _to(next(data), device)
+            if world > 1:
+                batch = dist_.shard(batch, rank, world)
             t0 = time.perf_counter()
             with autocast_context(device, autocast):
-                loss = loss_fn(model, batch)
+                loss = loss_fn(engine, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if counter is not None and step == 1 and not how.find_unused_parameters:
+                _check_used(model)
             # clip=None: the same norm, for the check below; scaling by min(1, inf) = 1 changes nothing
             norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
+            if distributed is not None:
+                loss, norm = dist_.mean(loss), dist_.whole(norm)  # norm: the same in every process
             losses.append(loss.item())  # the step's one sync (the loss curve needs it anyway), before the update
             _check_finite(step, losses[-1], norm, lr, clip)
             optimizer.step()
@@ -310,7 +328,17 @@ def train(
         metrics=metrics,
         loss_curve=losses,
         eval_curve=eval_curve,
+        allreduce_bytes_per_step=counter.bytes / step if counter is not None else None,
     )
+
+
+def _check_used(model: nn.Module) -> None:
+    """DDP waits for every trainable parameter's gradient; one that gets none makes the next step fail
+    with "Expected to have finished reduction in the prior iteration ...". Name it now instead."""
+    unused = dist_.unused_trainable(model)
+    if unused:
+        raise ValueError(f"these trainable parameters got no gradient, which DDP cannot reduce: {unused}. Freeze "
+                         "them (requires_grad_(False)), or pass distributed=Strategy('ddp', find_unused_parameters=True)")
 
 
 def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:

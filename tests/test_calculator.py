@@ -79,6 +79,26 @@ def test_other_methods_follow_their_formulas():
     assert calc.peft_params(a, "llama_adapter", n_tokens=10, n_layers=4) == 4 * (10 * 576 + 9)
 
 
+def test_qlora_trains_lora_on_every_block_linear_over_a_4_bit_base():
+    a = calc.ARCHS["smollm2-135m"]
+    assert calc.peft_params(a, "qlora", r=8) == calc.lora_params(a, 8, calc.LINEARS)  # default: all seven
+    assert calc.peft_params("minilm", "qlora", r=8) == calc.lora_params("minilm", 8, ("q", "k", "v", "o", "up", "down"))
+    assert calc.peft_params(a, "qlora", r=4, targets=("q", "v"), double_quant=False) == calc.peft_params(a, "lora", r=4)
+    assert calc.bits_per_parameter(False) == 4.5 and round(calc.bits_per_parameter(True), 3) == 4.127
+    # one 64 x 64 matrix: 2048 bytes of codes, 64 absmax: 256 bytes, or 64 + 4 (one 256-block) + 4 (the mean)
+    assert calc.quantized_matrix_bytes(4096, False) == 2048 + 256 and calc.quantized_matrix_bytes(4096) == 2048 + 72
+    linear = 30 * sum(i * o for i, o in calc.block_linears(a).values())
+    assert calc.quantized_bytes(a, double_quant=False) == 4 * (calc.total_params(a) - linear) + 4.5 / 8 * linear
+    mem = calc.training_memory(a, "qlora", r=8)
+    assert mem["weights"] == calc.quantized_bytes(a) + 4 * calc.peft_params(a, "qlora", r=8)
+    assert mem["gradients"] == 4 * calc.peft_params(a, "qlora", r=8)
+    # the paper's headline: LLaMA 65B finetuned on one 48 GB GPU (r = 64 on every linear layer, bf16)
+    assert calc.training_memory("llama-65b", "qlora", r=64, dtype="bf16")["total"] < 48e9
+    assert calc.training_memory("llama-65b", "lora", r=64, targets=calc.LINEARS, dtype="bf16")["total"] > 130e9
+    with pytest.raises(ValueError, match="qlora needs an architecture"):
+        calc.training_memory(10_000, "qlora", n_trainable=10)
+
+
 def test_papers_counts():
     # LLaMA-Adapter (Zhang et al. 2023): 1.2M on LLaMA-7B, prompts of 10 tokens in the top 30 layers
     assert calc.peft_params("llama-7b", "llama_adapter", n_tokens=10, n_layers=30) == 30 * (10 * 4096 + 32)
@@ -188,6 +208,7 @@ METHOD_CONFIGS = [
     ("llama_adapter", {"n_tokens": 10, "n_layers": 4}),
     ("dora", {"r": 4, "targets": ("q", "v")}),
     ("ia3", {"targets": ("k", "v", "down"), "feedforward": ("down",)}),
+    ("qlora", {"r": 4, "targets": ("q", "v")}),
 ]
 NAMES = {"llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "down": "down_proj"},
          "bert": {"q": "query", "k": "key", "v": "value", "down": "output.dense"}}
@@ -195,9 +216,13 @@ NAMES = {"llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "down": "down_pr
 
 def _apply(model, method, h, family):
     """pefttutor's own `apply` for a calculator method and hyperparameters."""
-    from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
+    from pefttutor import quantized
+    from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning, qlora
 
     names = NAMES[family]
+    if method == "qlora":  # on the base with its targets in 4 bits
+        targets = [names[t] for t in h["targets"]]
+        return qlora.apply(quantized.quantize_model(model, targets), targets, r=h["r"])
     if method in ("lora", "dora"):
         return {"lora": lora, "dora": dora}[method].apply(model, [names[t] for t in h["targets"]], r=h["r"])
     if method == "ia3":  # on Bert, `output.dense` names the attention's output projection too (as in peft)
@@ -226,4 +251,28 @@ def test_calculator_equals_what_apply_trains_on_our_models(which, minilm, smollm
             h = {"targets": ("k", "v", "o", "down"), "feedforward": ("o", "down")}
         assert params.count_parameters(model)[0] == calc.peft_params(which, method, **h), (method, h)
         checked += 1
-    assert checked == (10 if family == "llama" else 9)
+    assert checked == (11 if family == "llama" else 10)
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_calculator_equals_the_bytes_of_a_4_bit_smollm2(smollm2, double_quant):
+    """The stored bytes of SmolLM2 with every block linear in 4 bits, counted from its tensors
+    (the tied LM head once), and what QLoRA on it trains."""
+    import copy
+
+    from pefttutor import quantized
+    from pefttutor.methods import qlora
+
+    model = quantized.quantize_model(copy.deepcopy(smollm2[0]), double_quant=double_quant)
+    seen, stored = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            stored += t.numel() * t.element_size()
+    assert stored == calc.quantized_bytes("smollm2-135m", double_quant=double_quant)
+    four_bit = sum(m.stored_bytes() for m in quantized.layers(model).values())
+    n = sum(m.in_features * m.out_features for m in quantized.layers(model).values())
+    assert abs(8 * four_bit / n - calc.bits_per_parameter(double_quant)) < 2e-3
+    qlora.apply(model, r=4)
+    assert params.count_parameters(model)[0] == calc.peft_params("smollm2-135m", "qlora", r=4)

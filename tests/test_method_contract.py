@@ -1,7 +1,9 @@
 """The contract every PEFT method keeps (`pefttutor/methods/base.py`), run over the registry.
 
 A new method gets every test here by adding one line to CASES (and BAD, its refused settings).
-Method-specific maths (formulas, peers) lives in each method's own test file.
+Method-specific maths (formulas, peers) lives in each method's own test file. QLoRA adapts a 4-bit
+base, so its tests run on the tiny model with its targets quantized first (`base`): that is the
+model `remove` gives back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pefttutor import calculator, methods
+from pefttutor import calculator, methods, quantized
 from pefttutor.models import BertClassifier
 from pefttutor.study import methods as study_methods
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -29,7 +31,8 @@ CASES = {
     "prompt_tuning": {"n_tokens": 3},
     "llama_adapter": {"n_tokens": 2},
     "dora": {"targets": ("gate_proj", "up_proj"), "r": 2},  # layers no other case wraps: see test_one_update_per_layer
-    "ia3": {"targets": ("k_proj", "v_proj", "down_proj"), "feedforward": ("down_proj",)},
+    "ia3": {"targets": ("k_proj", "down_proj"), "feedforward": ("down_proj",)},  # v_proj: QLoRA's, below
+    "qlora": {"targets": ("v_proj",), "r": 2},  # the one layer no other case wraps: a 4-bit layer takes only QLoRA
 }
 BERT_CASES = {
     "lora": {"targets": ("query", "value"), "r": 2},
@@ -38,6 +41,7 @@ BERT_CASES = {
     "prompt_tuning": {"n_tokens": 3},
     "dora": {"targets": ("query", "value"), "r": 2},
     "ia3": {"targets": ("key", "value", "output.dense"), "feedforward": ("output.dense",)},
+    "qlora": {"targets": ("query", "value"), "r": 2},
 }
 # settings each method must refuse, on apply and in a file's config
 BAD = {
@@ -51,6 +55,8 @@ BAD = {
                       {"init_gate": True}],
     "dora": [{"r": True}, {"r": 33}, {"alpha": 0}, {"alpha": math.inf}, {"rslora": 1}],
     "ia3": [{"targets": 3}, {"feedforward": ("up_proj",)}, {"targets": ("kproj",)}],
+    "qlora": [{"r": True}, {"r": 33}, {"alpha": 0}, {"dropout": 1.5}, {"quant_type": "int8"}, {"double_quant": "yes"},
+              {"quant_type": "fp4"}, {"targets": ("q_proj",)}],  # the base is NF4; q_proj is not quantized
 }
 NAMES = list(CASES)
 X = torch.tensor([[5, 9, 2, 33, 7], [1, 60, 12, 8, 4]])
@@ -61,8 +67,17 @@ def tiny_classifier(seed=0):
     return BertClassifier(tiny_bert(seed), num_classes=3).eval()
 
 
+def base(*names, family="llama", **overrides):
+    """The tiny model the methods `names` go on: a Llama, a Bert or a Bert classifier, with QLoRA's
+    targets quantized to 4 bits when QLoRA is among them."""
+    model = {"llama": tiny_llama, "bert": tiny_bert, "classifier": tiny_classifier}[family](**overrides)
+    if "qlora" in names:
+        quantized.quantize_model(model, (CASES if family == "llama" else BERT_CASES)["qlora"]["targets"])
+    return model
+
+
 def apply(name, model=None, **extra):
-    model = tiny_llama() if model is None else model
+    model = base(name) if model is None else model
     return methods.get(name).apply(model, **{**CASES[name], **extra})
 
 
@@ -126,8 +141,8 @@ def test_every_method_is_registered_once_under_the_name_everyone_uses():
 def test_apply_trains_exactly_the_method_and_its_train_modules(name, family):
     if family == "bert" and name not in BERT_CASES:
         pytest.skip("Llama only")
-    model, settings, train = ((tiny_llama(), CASES[name], ()) if family == "llama"
-                              else (tiny_classifier(), BERT_CASES[name], ("classifier",)))
+    model, settings, train = ((base(name), CASES[name], ()) if family == "llama"
+                              else (base(name, family="classifier"), BERT_CASES[name], ("classifier",)))
     methods.get(name).apply(model, **settings, train=train)
     trainable = methods.get(name).trainable(model)
     assert trainable and {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
@@ -137,7 +152,7 @@ def test_apply_trains_exactly_the_method_and_its_train_modules(name, family):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_remove_gives_the_base_model_back_bit_for_bit(name):
-    model = tiny_llama().train()  # every parameter trainable: remove must restore requires_grad too
+    model = base(name).train()  # every parameter trainable: remove must restore requires_grad too
     before, y = snapshot(model), model.eval()(X)
     apply(name, model)
     perturb(model, name)
@@ -151,7 +166,7 @@ def test_remove_gives_the_base_model_back_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_failed_apply_leaves_the_model_as_before(name, monkeypatch):
-    model = tiny_llama()
+    model = base(name)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"no module matches \['lm_haed'\]; valid names: .*'lm_head'"):
         apply(name, model, train=("lm_haed",))
@@ -180,7 +195,7 @@ def test_apply_twice_is_refused_and_a_removed_method_can_come_back(name):
 def test_bad_settings_are_refused_before_any_change(name, bad):
     if bad >= len(BAD[name]):
         pytest.skip("fewer bad settings")
-    model = tiny_llama()
+    model = base(name)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"must|unknown|above|wider|no Linear matches"):
         apply(name, model, **BAD[name][bad])
@@ -193,7 +208,7 @@ def test_save_writes_the_adapter_with_its_header_atomically(name, tmp_path):
     with safe_open(str(path), "pt") as f:
         keys, header = set(f.keys()), json.loads(f.metadata()["pefttutor"])
     assert keys == set(methods.get(name).adapter_state_dict(model))
-    assert not keys & set(tiny_llama().state_dict())  # the adapter only, never the base weights
+    assert not keys & set(base(name).state_dict())  # the adapter only, never the base weights
     assert header["method"] == name and header["base"]["architecture"] == "Llama"
     assert header["config"] == json.loads(json.dumps(methods.get(name).get_config(model).__dict__))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
@@ -202,7 +217,7 @@ def test_save_writes_the_adapter_with_its_header_atomically(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_save_load_round_trip_into_a_fresh_and_into_an_adapted_model(name, tmp_path):
     model, path = saved(tmp_path, name)
-    for target in (tiny_llama(), apply(name)):
+    for target in (base(name), apply(name)):
         methods.load(target, path)  # the file names its method
         assert methods.get(name).get_config(target) == methods.get(name).get_config(model)
         assert torch.equal(target(X), model(X))
@@ -229,7 +244,7 @@ def test_a_file_that_does_not_fit_is_refused_and_nothing_changes(name, tamper, t
     _, path = saved(tmp_path, name)
     good = path.read_bytes()
     rewrite(path, **_tamperings(name)[tamper])
-    for model in (tiny_llama(), apply(name)):
+    for model in (base(name), apply(name)):
         before = snapshot(model)
         with pytest.raises(ValueError) as error:
             methods.get(name).load(model, path)
@@ -241,7 +256,7 @@ def test_a_file_that_does_not_fit_is_refused_and_nothing_changes(name, tamper, t
 
 @pytest.mark.parametrize("name", NAMES)
 def test_files_that_are_not_adapters_are_refused_naming_the_file(name, tmp_path):
-    model = tiny_llama()
+    model = base(name)
     before = snapshot(model)
     plain, broken, garbage = tmp_path / "plain.safetensors", tmp_path / "broken.safetensors", tmp_path / "x.bin"
     save_file({"w": torch.zeros(1)}, plain)
@@ -257,8 +272,8 @@ def test_files_that_are_not_adapters_are_refused_naming_the_file(name, tmp_path)
 @pytest.mark.parametrize("name", NAMES)
 def test_a_file_from_a_deeper_model_is_refused_and_the_right_one_then_loads(name, tmp_path):
     (tmp_path / "deep").mkdir()
-    _, deep = saved(tmp_path / "deep", name, tiny_llama(num_hidden_layers=3))
-    model = tiny_llama()
+    _, deep = saved(tmp_path / "deep", name, base(name, num_hidden_layers=3))
+    model = base(name)
     before = snapshot(model)
     with pytest.raises(ValueError, match="another base model"):
         methods.get(name).load(model, deep)
@@ -271,7 +286,7 @@ def test_a_file_from_a_deeper_model_is_refused_and_the_right_one_then_loads(name
 def test_a_file_from_another_architecture_of_the_same_width_is_refused(name, tmp_path):
     """A Llama's adapter (hidden size 32) into a Bert of the same width: refused by the file's base identity."""
     _, path = saved(tmp_path, name)
-    bert = tiny_bert()
+    bert = base(name, family="bert")
     before = snapshot(bert)
     with pytest.raises(ValueError, match="another base model: file Llama .* this model Bert"):
         methods.get(name).load(bert, path)
@@ -299,7 +314,7 @@ def test_merge_folds_into_w0_or_says_why_it_cannot(name):
 
 @pytest.mark.parametrize("first,second", list(itertools.permutations(NAMES, 2)))
 def test_any_two_methods_stack_both_train_both_save_and_come_off_in_reverse(first, second, tmp_path):
-    model = tiny_llama()
+    model = base(first, second)
     before = snapshot(model)
     apply(first, model)
     apply(second, model)
@@ -311,7 +326,7 @@ def test_any_two_methods_stack_both_train_both_save_and_come_off_in_reverse(firs
     assert all(p.grad is not None for trainable in own.values() for p in trainable.values())
     for name in (first, second):  # each file also loads alone into the base model
         methods.get(name).save(model, tmp_path / name)
-        alone = methods.load(tiny_llama(), tmp_path / name)
+        alone = methods.load(base(first, second), tmp_path / name)
         assert methods.get(name).adapter_state_dict(alone).keys() == methods.get(name).adapter_state_dict(model).keys()
     with pytest.raises(ValueError, match=f"{second} was applied after"):
         methods.get(first).remove(model)

@@ -82,8 +82,30 @@ def test_smollm2_weights_equal_bitsandbytes(smollm2):
     assert torch.equal(quant.dequantize(packed, state), bnb.dequantize_4bit(theirs.reshape(-1, 1), their_state))
 
 
+def test_int4_is_symmetric_absmax_rounding_to_15_levels():
+    """int4 (not in bitsandbytes): q = round(7 x / absmax) in -7..7 per block of 64, so W_hat = absmax q / 7."""
+    torch.manual_seed(0)
+    A = torch.randn(300, 257)  # a partial last block
+    packed, state = quant.quantize(A, "int4", double_quant=True)
+    scaled, _ = quant._scaled_blocks(A.reshape(-1), quant.BLOCK)
+    q = torch.round(7 * scaled)  # ties (measure zero here) would go to the lower level in ours
+    W_hat = quant._unscaled_blocks(q / 7, _absmax(state), quant.BLOCK)
+    assert torch.equal(quant.dequantize(packed, state), W_hat.view(A.shape))
+    assert len(quant.INT4) == 15 and quant.INT4[7] == 0 and torch.equal(quant.INT4, -quant.INT4.flip(0))
+    err = {t: (quant.dequantize(*quant.quantize(A, t)) - A).pow(2).mean().item() for t in ("nf4", "int4")}
+    assert err["nf4"] < err["int4"]  # normal weights: NF4's quantile levels beat even spacing
+
+
+def _absmax(state):
+    """The absmax constants a state dequantizes with (undoing double quantization)."""
+    if state.absmax2 is None:
+        return state.absmax
+    codes = quant.dynamic_code()[state.absmax.long()]
+    return quant._unscaled_blocks(codes, state.absmax2, quant.BLOCK_ABSMAX) + state.offset
+
+
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="valid: nf4, fp4"):
-        quant.quantize(torch.randn(4, 4), "int4")
+    with pytest.raises(ValueError, match="valid: nf4, fp4, int4"):
+        quant.quantize(torch.randn(4, 4), "int8")
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
         quant.quantize(torch.ones(4, 4, dtype=torch.int64))

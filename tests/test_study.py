@@ -136,6 +136,7 @@ def test_a_tiny_study_runs_skips_resumes_and_reruns_stale(fast_mode, tmp_path, m
     assert {"git_commit", "date", "torch", "transformers", "device", "device_name", "threads", "dtype"} <= set(prov)
     assert prov["mode"] == "fast" and prov["device"] == "cpu"
     assert isinstance(prov["uncommitted"], list) and prov["git_commit"].endswith("+uncommitted") == bool(prov["uncommitted"])
+    assert all(path.startswith("pefttutor/") for path in prov["uncommitted"]), prov["uncommitted"]  # whole paths
 
     # a changed config makes the stored result stale: it is rerun, not read
     changed = [dict(e, epochs=0.25) if e["group"] == "sweep" and e["lr"] == 1e-3 else e for e in exps]

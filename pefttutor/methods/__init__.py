@@ -13,11 +13,11 @@ from torch import nn
 
 from pefttutor import checkpoint
 
-from . import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
+from . import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning, qlora
 from .base import Method, applied
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
-    prompt_tuning, prefix_tuning, adapters, llama_adapter, lora, dora, ia3)}
+    prompt_tuning, prefix_tuning, adapters, llama_adapter, lora, dora, ia3, qlora)}
 
 
 def get(name: str) -> Method:
@@ -34,4 +34,4 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 __all__ = ["METHODS", "Method", "adapters", "applied", "dora", "get", "ia3", "llama_adapter", "load", "lora",
-           "prefix_tuning", "prompt_tuning"]
+           "prefix_tuning", "prompt_tuning", "qlora"]

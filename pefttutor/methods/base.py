@@ -86,6 +86,14 @@ def identity(model: nn.Module) -> dict[str, Any]:
             "shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
 
 
+def check_base(saved: Any, base: dict[str, Any], source) -> None:
+    """Refuse an adapter whose recorded base identity `saved` is not `base` (by parameter count and
+    digest of names and shapes): ValueError naming `source` and both models."""
+    if not isinstance(saved, dict) or any(saved.get(k) != base[k] for k in ("parameters", "shapes")):
+        raise ValueError(f"{source} was saved from another base model: file {_describe(saved)}, "
+                         f"this model {_describe(base)}")
+
+
 def host(model: nn.Module, title: str) -> nn.Module:
     """The one pefttutor model (Llama, Bert) inside `model`, or `model` itself: the module whose
     forward serves the model-level `peft` extension point (`pefttutor/models/attention.py`)."""
@@ -241,10 +249,7 @@ class Method:
             raise ValueError(f"{path} holds a {header['method']!r} adapter, not {self.name!r}: "
                              f"load it with pefttutor.methods.{header['method']}.load (or pefttutor.methods.load)")
         saved = self._config_from(header["config"], path)
-        base = identity(model)
-        if not isinstance(header["base"], dict) or any(header["base"].get(k) != base[k] for k in ("parameters", "shapes")):
-            raise ValueError(f"{path} was saved from another base model: file {_describe(header['base'])}, "
-                             f"this model {_describe(base)}")
+        check_base(header["base"], identity(model), path)
         if self.name in applied(model):
             current = self.get_config(model)
             diff = [f"{k}: model {getattr(current, k)!r}, file {getattr(saved, k)!r}"

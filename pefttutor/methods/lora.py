@@ -78,10 +78,11 @@ class LoRALinear(params.LinearWrapper):
     ):
         super().__init__()
         checks.positive_int(r, "LoRA rank r")
-        d_out, d_in = base.weight.shape
+        W0 = base.weight  # read once (a 4-bit layer dequantizes it on each read)
+        d_out, d_in = W0.shape
         if r > min(d_in, d_out):
             raise ValueError(f"LoRA rank r={r} is above min(d_in, d_out) = {min(d_in, d_out)}: B A would not be low-rank")
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        like = {"device": W0.device, "dtype": W0.dtype}
         self.base = base  # W0: (d_out, d_in), b: (d_out,)
         self.lora_A = nn.Linear(d_in, r, bias=False, **like)  # A: (r, d_in)
         self.lora_B = nn.Linear(r, d_out, bias=False, **like)  # B: (d_out, r)
@@ -116,7 +117,7 @@ class LoRALinear(params.LinearWrapper):
             self.merged = False
 
     def extra_repr(self) -> str:
-        d_out, d_in = self.base.weight.shape
+        d_out, d_in = self.out_features, self.in_features
         n = self.r * (d_in + d_out)
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, r(d_in+d_out)={n:,} params"
 
@@ -137,6 +138,7 @@ class LoRA(Method):
     name, title, Config = "lora", "LoRA", LoRAConfig
     must_match = ("r", "alpha", "rslora")
     layer: type[LoRALinear] = LoRALinear  # a variant (DoRA) subclasses the layer and this method
+    wraps: type[nn.Module] = nn.Linear  # the frozen layers it adapts (QLoRA: 4-bit ones)
 
     def layers(self, model: nn.Module) -> dict[str, LoRALinear]:
         """This method's layers (of exactly its type, so that variants stack), by module path."""
@@ -145,7 +147,8 @@ class LoRA(Method):
     def attach(self, model: nn.Module, config: LoRAConfig, init: bool = True) -> None:
         # r above min(d_in, d_out) is refused by the layer
         params.wrap_linears(model, config.targets,
-                            lambda linear: self.layer(linear, config.r, config.alpha, config.dropout, config.rslora))
+                            lambda linear: self.layer(linear, config.r, config.alpha, config.dropout, config.rslora),
+                            self.wraps)
 
     def detach(self, model: nn.Module) -> None:
         params.unwrap(model, self.layers(model))

@@ -81,7 +81,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
     import transformers
 
     changed = _git("status", "--porcelain", "--", "pefttutor")
-    changed = [] if changed in ("", "unknown") else [line[3:] for line in changed.splitlines()]
+    # "XY path" lines; _git strips the output, so the first line may have lost its leading space
+    changed = [] if changed in ("", "unknown") else [line.split(maxsplit=1)[1] for line in changed.splitlines()]
     return {
         "git_commit": _git("rev-parse", "HEAD") + ("+uncommitted" if changed else ""),
         "uncommitted": changed,  # the package's files that differed from that commit
