@@ -18,6 +18,7 @@ from pefttutor import interop
 from pefttutor.methods import lora
 from pefttutor.models import Bert, Llama
 from tests.test_checkpoint import umask  # noqa: F401 (a fixture)
+from tiny_models import save_peft_failing_at_the_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # peft calls a deprecated method
@@ -350,17 +351,7 @@ def test_a_save_peft_that_fails_half_way_leaves_a_folder_load_peft_refuses(reque
     interop.save_peft(ours, tmp_path)
     lora.remove(ours)
     lora.apply(ours, ["q_proj"], r=2, alpha=4)  # same keys and shapes: only the scaling differs
-    replace = os.replace
-
-    def fail_on_config(src, dst):
-        if str(dst).endswith(interop.CONFIG_NAME):
-            raise OSError("disk full")
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_on_config)
-    with pytest.raises(OSError, match="disk full"):
-        interop.save_peft(ours, tmp_path)  # into the existing folder: new weights, old config
-    monkeypatch.undo()
+    save_peft_failing_at_the_config(ours, tmp_path, monkeypatch)  # into the existing folder: new weights, old config
     assert json.loads((tmp_path / interop.CONFIG_NAME).read_text())["lora_alpha"] == 16
     fresh, _ = pair(request, "tiny_llama")
     before = snapshot(fresh)

@@ -4,7 +4,6 @@ the refusals of what does not fit (shapes, fields, layouts, per-head gates)."""
 
 import copy
 import json
-import os
 
 import peft
 import pytest
@@ -16,6 +15,7 @@ from pefttutor import interop
 from pefttutor.methods import applied, llama_adapter, prefix_tuning, prompt_tuning
 from pefttutor.models import Bert, Llama
 from tests.test_interop import assert_untouched, rewrite_weights, snapshot
+from tiny_models import save_peft_failing_at_the_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),  # peft calls a deprecated method
@@ -374,17 +374,7 @@ def test_a_save_peft_that_fails_half_way_leaves_a_folder_load_peft_refuses(reque
     interop.save_peft(prompt_tuning.apply(ours, 4), tmp_path)
     ours, _ = pair(request, "tiny_llama")
     prompt_tuning.apply(ours, 5)
-    replace = os.replace
-
-    def fail_on_config(src, dst):
-        if str(dst).endswith(interop.CONFIG_NAME):
-            raise OSError("disk full")
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_on_config)
-    with pytest.raises(OSError, match="disk full"):
-        interop.save_peft(ours, tmp_path)  # into the existing folder: new weights, old config
-    monkeypatch.undo()
+    save_peft_failing_at_the_config(ours, tmp_path, monkeypatch)  # into the existing folder: new weights, old config
     refused(request, tmp_path, match="come from different saves .*num_virtual_tokens: weights 5, config 4")
 
 

@@ -73,3 +73,25 @@ def through_peft(direction: str, method, peft_config, tmp_path, scale: float = 0
     perturb(p for p in theirs.parameters() if p.requires_grad)
     theirs.save_pretrained(tmp_path / "a")
     return interop.load_peft(Llama.from_hf(hf).eval(), tmp_path / "a"), theirs, hf
+
+
+def save_peft_failing_at_the_config(model, folder, monkeypatch) -> None:
+    """`interop.save_peft` into `folder` with the disk 'full' when adapter_config.json is put in place:
+    the weights are new, the config is the old one."""
+    import os
+
+    import pytest
+
+    from pefttutor import interop
+
+    replace = os.replace
+
+    def fail_on_config(src, dst):
+        if str(dst).endswith(interop.CONFIG_NAME):
+            raise OSError("disk full")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        interop.save_peft(model, folder)
+    monkeypatch.undo()
