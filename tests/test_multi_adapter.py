@@ -60,6 +60,14 @@ def saved(base, names, tmp_path):
     return files
 
 
+def holding(base, files):
+    """A MultiAdapter on a copy of `base` with every file of `files` loaded under its name."""
+    multi = MultiAdapter(copy.deepcopy(base))
+    for name, file in files.items():
+        multi.load_adapter(file, name)
+    return multi
+
+
 def alone(base, file):
     """A fresh copy of the base model with only this adapter file loaded (the reference)."""
     return load_any(copy.deepcopy(base), file)
@@ -98,9 +106,7 @@ def same_base(model, reference):
 def test_switching_between_adapters_of_every_method_equals_each_alone(tmp_path):
     base = tiny_llama()
     files = saved(base, SPECS, tmp_path)
-    multi = MultiAdapter(copy.deepcopy(base))
-    for name, file in files.items():
-        multi.load_adapter(file, name)
+    multi = holding(base, files)
     assert list(multi.configs) == list(SPECS) and multi.active_adapter is None
     assert [n for n in SPECS if multi.resident(n)] == list(RESIDENT)
     ids, mask = batch()
@@ -175,9 +181,7 @@ def test_add_adapter_takes_a_copy_of_a_models_adapter(tmp_path):
 def test_delete_adapter(tmp_path):
     base = tiny_llama()
     files = saved(base, ["lora_qv", "lora_mlp", "prompt"], tmp_path)
-    multi = MultiAdapter(copy.deepcopy(base))
-    for name, file in files.items():
-        multi.load_adapter(file, name)
+    multi = holding(base, files)
     ids, _ = batch()
     multi.set_adapter("lora_mlp")
     multi.delete_adapter("lora_mlp")  # the active one: the base model is left
@@ -260,9 +264,7 @@ def test_mixed_batch_rows_equal_each_adapter_alone(family, tmp_path):
     for name in RESIDENT:
         files[name] = tmp_path / f"{name}.safetensors"
         lora.save(trained(base, name, **({} if family == "llama" else {"targets": targets[name]})), files[name])
-    multi = MultiAdapter(copy.deepcopy(base))
-    for name, file in files.items():
-        multi.load_adapter(file, name)
+    multi = holding(base, files)
     ids, mask = batch(rows=len(ROWS), side="left" if family == "llama" else "right")
     with torch.no_grad():
         mixed = multi(ids, mask, adapter_names=ROWS)
@@ -278,9 +280,7 @@ def test_mixed_batch_rows_equal_each_adapter_alone(family, tmp_path):
 def test_mixed_batch_generates_each_rows_tokens_as_its_adapter_alone(tmp_path):
     base = tiny_llama()
     files = saved(base, RESIDENT, tmp_path)
-    multi = MultiAdapter(copy.deepcopy(base))
-    for name, file in files.items():
-        multi.load_adapter(file, name)
+    multi = holding(base, files)
     multi.set_adapter("lora_ko")  # active before and after: a mixed batch does not disturb it
     ids, mask = batch(seed=1, rows=len(ROWS))
     seqs = multi.generate(ids, 8, attention_mask=mask, adapter_names=ROWS, eos_token_id=NO_EOS)
@@ -303,9 +303,7 @@ def test_mixed_batch_generates_each_rows_tokens_as_its_adapter_alone(tmp_path):
 def test_generation_with_any_adapter_active_equals_it_alone_and_merged(name, tmp_path):
     base = tiny_llama()
     files = saved(base, [name, "prompt" if name != "prompt" else "lora_qv"], tmp_path)
-    multi = MultiAdapter(copy.deepcopy(base))
-    for n, file in files.items():
-        multi.load_adapter(file, n)
+    multi = holding(base, files)
     multi.set_adapter(next(n for n in files if n != name))  # switch from another method's adapter
     multi.set_adapter(name)
     ids, mask = batch(seed=2)
