@@ -167,7 +167,7 @@ def _train_minilm(method: str, how: str, steps: int, device: torch.device) -> di
     if method == "full":
         model.bert.pooler.requires_grad_(False)  # mean pooling never uses it: DDP would wait for its gradient
     r = train.train(model, task.train_batches(0), task.loss, steps=steps, lr=RATES[method], warmup=0.1,
-                    device=device, progress=False, autocast="bf16", distributed=how)
+                    device=device, progress=False, autocast="auto", distributed=how)
     accuracy = task.evaluate(model, "validation")["accuracy"]
     return {"method": method, "strategy": how, "processes": dist.get_world_size(), "steps": r.steps,
             "global_batch": task.batch_size, "trainable_params": r.trainable_params,

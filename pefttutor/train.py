@@ -124,6 +124,26 @@ class PeakMemory:
 
 
 AUTOCAST = {None: torch.float32, "bf16": torch.bfloat16}  # train(autocast=...) -> the autocast dtype
+AUTO = "auto"  # train(autocast="auto"): "bf16" where the device computes it natively, else None
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run on native kernels: a CUDA GPU with bf16, or a CPU that oneDNN runs bf16
+    on (AVX-512 or AMX). Elsewhere PyTorch falls back to a reference gemm: on an AVX2-only AMD EPYC,
+    a 512 x 576 @ 576 x 1536 matmul took 771 ms in bf16 against 17 ms in fp32 (one thread)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_autocast(device: torch.device | str, autocast: str | None) -> str | None:
+    """The autocast `train` uses: "auto" becomes "bf16" where `native_bf16`, else None; others as given."""
+    if autocast == AUTO:
+        return "bf16" if native_bf16(device) else None
+    if autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str) + [AUTO]}, got {autocast!r}")
+    return autocast
 
 
 def _fused(params: list[nn.Parameter]) -> dict[str, bool]:
@@ -233,6 +253,7 @@ def train(
               `eval_every` steps and at the end.
     autocast: "bf16" runs the forward pass and loss under `torch.autocast` in bfloat16 (CPU and
               CUDA); weights, gradients and optimizer states stay in their dtype. None: no autocast.
+              "auto": "bf16" where the device has native bf16 kernels (`native_bf16`), else None.
     should_stop: `should_stop(eval_curve) -> bool`, asked after each periodic evaluation; True ends
               training there (early stopping). The result's `steps` is the number actually run, and
               no extra final evaluation is made.
@@ -245,9 +266,8 @@ def train(
     update. However training ends (an error, Ctrl-C), the model is left in eval mode without gradients.
     """
     _check_arguments(steps, lr, weight_decay, warmup, clip, evaluate, eval_every, seed, should_stop)
-    if autocast not in AUTOCAST:
-        raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {autocast!r}")
     device = torch.device(device) if device is not None else get_device()
+    autocast = resolve_autocast(device, autocast)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a method or unfreeze some")
     trainable, total = count_parameters(model)

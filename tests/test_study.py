@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pefttutor import config, protocol
+from pefttutor import config, protocol, train
 from pefttutor.models import BertClassifier
 from pefttutor.study import experiments, methods, report, runner
 from tiny_models import tiny_bert, tiny_llama
@@ -120,6 +120,7 @@ def test_a_tiny_study_runs_skips_resumes_and_reruns_stale(fast_mode, tmp_path, m
     assert final["config"]["lr_from"] == [e["id"] for e in exps[:2]]
     task = runner.get_task("minilm-tweets", device)
     assert final["max_steps"] == task.steps_per_epoch and 1 <= final["steps"] <= final["max_steps"]
+    assert final["autocast_used"] == ("bf16" if train.native_bf16(device) else None)  # the study's bf16 policy
     assert len(final["loss_curve"]) == final["steps"]
     assert [s for s, _ in final["validation_curve"]][-1] == final["steps"]
     best_val = max(m["accuracy"] for _, m in final["validation_curve"])

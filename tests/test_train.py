@@ -189,22 +189,38 @@ def test_autocast_trains_and_keeps_weights_fp32(autocast):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_autocast_inside_the_loss_is_bf16():
-    seen = []
-
+def dtype_probe(seen):
+    """A loss that records the dtype the model computes in."""
     def probe(model, batch):
         out = model(batch["x"])
         seen.append(out.dtype)
         return nn.functional.cross_entropy(out.float(), batch["labels"])
+    return probe
 
+
+def test_autocast_inside_the_loss_is_bf16():
+    seen = []
+    probe = dtype_probe(seen)
     train.train(Net(), toy_data(), probe, steps=1, progress=False, device="cpu", autocast="bf16")
     train.train(Net(), toy_data(), probe, steps=1, progress=False, device="cpu")
     assert seen == [torch.bfloat16, torch.float32]
 
 
 def test_unknown_autocast_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="bf16"):
+    with pytest.raises(ValueError, match="bf16.*auto"):
         train.train(Net(), toy_data(), loss_fn, steps=1, progress=False, device="cpu", autocast="fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_autocast_is_bf16_only_where_the_cpu_has_native_kernels(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert train.native_bf16("cpu") is native
+    assert train.resolve_autocast("cpu", "auto") == ("bf16" if native else None)
+    assert train.resolve_autocast("cpu", "bf16") == "bf16" and train.resolve_autocast("cpu", None) is None
+    seen = []
+    train.train(Net(), toy_data(), dtype_probe(seen), steps=1, progress=False, device="cpu", autocast="auto")
+    assert seen == [torch.bfloat16 if native else torch.float32]
+
 
 
 def test_should_stop_ends_training_after_an_evaluation():

@@ -156,11 +156,16 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
                    + f"; {sum(r['total_time_s'] for r in mine) / 60:.0f} min of compute in all"
                    f" (devices: {', '.join(sorted({r['provenance']['device'] for r in mine})) or 'none'}).\n")
         order = list(dict.fromkeys(e["name"] for e in planned))
-        for group, title in (("final", "Converged runs (bf16 autocast in training; test in fp32)"),
+        for group, title in (("final", "Converged runs (bf16 autocast in training where the device has native "
+                                       "bf16 kernels; test in fp32)"),
                              ("fp32", "The same runs without autocast (fp32 throughout)")):
             rs = [r for r in mine if r["config"]["group"] == group]
             if rs:
                 out += [f"### {title}\n", *_final_table(rs, keys, order), ""]
+                in_fp32 = [r["config"]["id"] for r in rs if r["config"]["autocast"] and r.get("autocast_used", "") is None]
+                if in_fp32:
+                    out += [f"Trained in fp32 (no native bf16 on their device, see `train.native_bf16`): "
+                            f"{', '.join(f'`{i}`' for i in in_fp32)}.\n"]
         sweep = [r for r in mine if r["config"]["group"] == "sweep"]
         if sweep:
             out += ["### Learning-rate sweep (seed 0, 1 epoch; for `features` the rate is the logistic "
