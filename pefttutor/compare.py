@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import cache_dir
 
 
@@ -48,9 +49,7 @@ def cached(config: Mapping[str, Any], run: Callable[[], dict[str, Any]], folder:
             return stored["result"]
     result = run()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"config": config, "result": result}, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a half-written result is never read
+    checkpoint.write_atomic(path, json.dumps({"config": config, "result": result}, indent=1, sort_keys=True).encode())
     return result
 
 

@@ -12,12 +12,14 @@ caption in its metadata (`caption=`, else the figure's titles), which `figures/R
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 
 import matplotlib
 
+from . import checkpoint
 from .config import is_fast, repo_root
 
 matplotlib.rcParams.update(
@@ -70,9 +72,9 @@ def save(fig, name: str, folder: Path | None = None, caption: str | None = None)
                 "Description": " ".join((caption if caption is not None else caption_of(fig)).split())}
     for ext, metadata in (("svg", svg_meta), ("png", {"Software": None})):
         path = folder / f"{name}.{ext}"
-        tmp = path.with_suffix(f".tmp.{ext}")
-        fig.savefig(tmp, format=ext, metadata=metadata)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext, metadata=metadata)
+        checkpoint.write_atomic(path, buffer.getvalue())
         paths.append(path)
     return paths
 

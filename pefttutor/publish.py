@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
+from . import checkpoint
 from .config import repo_root
 
 _SHOW = re.compile(r"""plots\.show\(\s*\w+\s*,\s*["']([0-9a-z][0-9a-z_\-]*)["']""")
@@ -57,9 +58,7 @@ def caption(svg: Path) -> str:
 
 
 def _write(path: Path, text: str) -> None:  # atomic: readers never see half a file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, text.encode("utf-8"))
 
 
 def write_index(folder: Path, nbs: list[Path]) -> Path:

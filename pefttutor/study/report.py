@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .. import data, metrics, protocol
+from .. import checkpoint, data, metrics, protocol
 from ..compare import mean_std
 
 REFERENCE = "full"  # the method every other is compared with
@@ -183,7 +183,5 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
 def write_readme(folder: Path, all_experiments: list[dict[str, Any]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "README.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render(folder, all_experiments))
-    tmp.replace(path)
+    checkpoint.write_atomic(path, render(folder, all_experiments).encode())
     return path

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .. import compare, config, data, protocol, train
+from .. import checkpoint, compare, config, data, protocol, train
 from ..models.bert import mean_pool
 from . import experiments, methods
 
@@ -51,10 +51,7 @@ def write(record: dict[str, Any], folder: Path) -> Path:
     """Write atomically: a temporary file in the same folder, then a rename."""
     path = path_of(record["config"]["id"], folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
+    checkpoint.write_atomic(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     return path
 
 
