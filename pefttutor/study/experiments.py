@@ -10,8 +10,9 @@ Per task and method, in this order:
   early stopping, one run per seed.
 * `fp32`: LoRA and full finetuning again without bf16 autocast (seed 0 and 1): the accuracy check
   for autocast as the study's default.
-SmolLM2 runs use the learning rates of the method notebooks (no sweep: a run costs 10-30 minutes
-on a laptop CPU), seed 0 first.
+SmolLM2 runs use the learning rates of the method notebooks (no sweep: a run costs 10-60 minutes
+on a laptop CPU), seed 0 first; DoRA, QLoRA and LoRA on every block linear (QLoRA's 32-bit
+counterpart) take LoRA's rate, IA3 its paper's 3e-3.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 SEEDS = (0, 1, 2)
 AUTOCAST = "bf16"  # the study's default; the `fp32` group measures what it changes
 BERT_ALL_LINEAR = ["query", "key", "value", "output.dense", "intermediate.dense"]
+LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (spec, learning-rate grid); in the order the study runs them (the headline comparison first)
 TWEET_METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
@@ -35,6 +37,10 @@ TWEET_METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "prefix-mlp": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": True}, [1e-3, 3e-3, 1e-2]),
     "prefix": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": False}, [1e-3, 3e-3, 1e-2]),
     "soft-prompt": ({"method": "prompt_tuning", "n_tokens": 20}, [1e-2, 3e-2, 1e-1]),
+    "dora-qv": ({"method": "dora", "targets": ["query", "value"], "r": 8, "alpha": 16}, [1e-3, 3e-3, 1e-2]),
+    # peft's IA3 layout for BERT: "output.dense" is both attention outputs and the feed-forward output
+    "ia3": ({"method": "ia3", "targets": ["key", "value", "output.dense"], "feedforward": ["output.dense"]},
+            [3e-3, 1e-2, 3e-2]),
 }
 
 # name -> (spec, learning rate from the method notebooks)
@@ -45,6 +51,11 @@ RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "houlsby": ({"method": "adapters", "size": 32, "placement": "houlsby"}, 2e-3),
     "prefix-mlp": ({"method": "prefix_tuning", "n_tokens": 20, "reparam": True}, 3e-3),
     "soft-prompt": ({"method": "prompt_tuning", "n_tokens": 20}, 3e-2),
+    "dora": ({"method": "dora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 8, "alpha": 16}, 2e-3),
+    "ia3": ({"method": "ia3", "targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}, 3e-3),
+    # QLoRA against LoRA on the same layers (every block linear, the paper's setting) in 32 bits
+    "lora-all": ({"method": "lora", "targets": LLAMA_ALL_LINEAR, "r": 8, "alpha": 16}, 2e-3),
+    "qlora": ({"method": "qlora", "targets": LLAMA_ALL_LINEAR, "r": 8, "alpha": 16}, 2e-3),
 }
 
 

@@ -14,12 +14,13 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import methods, params
-from ..methods import lora, prefix_tuning
+from .. import methods, params, quantized
+from ..methods import prefix_tuning
 
 HEAD = "classifier"
 BASELINES = ("untuned", "full", "head", "features")  # no PEFT method: nothing or everything trains
 METHODS = (*BASELINES, *methods.METHODS)
+MERGED = ("lora", "dora", "ia3")  # merged into W0 for inference
 
 
 def _head(model: nn.Module) -> tuple[str, ...]:
@@ -37,13 +38,17 @@ def build(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
         params.freeze(model)
         params.unfreeze(model, _head(model))
         return model
+    if name == "qlora":  # QLoRA adapts a 4-bit base: quantize its targets first, in the spec's format
+        fmt = {k: settings[k] for k in ("quant_type", "double_quant") if settings.get(k) is not None}
+        quantized.quantize_model(model, settings.get("targets", quantized.DECODER), **fmt)
     return methods.get(name).apply(model, **settings, train=_head(model))
 
 
 def for_inference(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """What a deployed model runs: LoRA merged into W0, the prefix MLP folded into the prefix."""
-    if spec["method"] == "lora":
-        lora.merge(model.eval())
+    """What a deployed model runs: LoRA, DoRA and IA3 merged into W0, the prefix MLP folded into the
+    prefix (QLoRA cannot merge into 4-bit weights: it runs unmerged)."""
+    if spec["method"] in MERGED:
+        methods.get(spec["method"]).merge(model.eval())
     if spec["method"] == "prefix_tuning" and spec.get("reparam", True):
         prefix_tuning.drop_reparam(model)
     return model
