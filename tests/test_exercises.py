@@ -4,6 +4,7 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 
 from pefttutor.exercises import Exercise, close_to, exact_count
 
@@ -96,12 +97,53 @@ def test_conclusion_exercises(capsys):
     assert "not attempted" in capsys.readouterr().out
 
 
+def _two_lora_adapters():
+    """(config, state dict) of two LoRA adapters (r = 2) on a tiny Llama, B random: updates of rank 2 each."""
+    from pefttutor.methods import lora
+    from tiny_models import tiny_llama
+
+    out = []
+    for seed in (1, 2):
+        model = lora.apply(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in lora.trainable(model).items():
+                p.normal_()
+        out.append((lora.get_config(model), lora.adapter_state_dict(model)))
+    return out
+
+
+def test_production_checkers_right_and_wrong(capsys):
+    from pefttutor import combine
+    from pefttutor.exercises import production as nb08
+
+    assert nb08.llama7b_allreduce().check(32 * 2 * 8 * (4096 + 4096) * 4) is True
+    assert nb08.llama7b_allreduce().check(32 * 2 * 8 * (4096 + 4096)) is False  # values, not bytes
+    assert nb08.llama7b_ring().check(2 * 7 * 16_777_216 // 8) is True
+    assert nb08.llama7b_ring().check(16_777_216) is False
+    assert nb08.ring_bytes_sent(100, 2) == 100 and nb08.ring_bytes_sent(800, 8) == 1400
+    adapters = _two_lora_adapters()
+    ex = nb08.smallest_svd_rank(adapters, [1.0, 1.0], tolerance=0.01)
+    cat = combine.delta_weights(*combine.weighted_adapter(adapters, [1.0, 1.0], "cat"))
+
+    def error(k):  # the experiment as the reader runs it
+        svd = combine.delta_weights(*combine.weighted_adapter(adapters, [1.0, 1.0], "svd", svd_rank=k))
+        return (sum(float((svd[p] - cat[p]).square().sum()) for p in cat)
+                / sum(float(c.square().sum()) for c in cat.values())) ** 0.5
+
+    k = next(k for k in range(1, 5) if error(k) <= 0.01)
+    assert k == 4  # two random rank-2 updates: their sum needs all 4 directions
+    assert ex.check(k) is True
+    assert ex.check(k - 1) is False and "gives" in capsys.readouterr().out
+    assert ex.check(k + 1) is False and "a smaller one is too" in capsys.readouterr().out
+
+
 @functools.cache
 def every_exercise():
     """Each notebook's exercises, built as the notebooks build them (stand-ins for what they measure),
     with the kind of answer each takes."""
     from pefttutor.exercises import (adapters, conclusion, introduction, llama_adapter, lora, models_and_data, prefix,
-                                     prompts)
+                                     production, prompts)
 
     runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}], "LoRA": [{"accuracy": 0.77, "file_bytes": 3e5}]}
     count, number, name, function = "an int", "a number", "a str", "a function"
@@ -131,6 +173,9 @@ def every_exercise():
         "conclusion.llama_adapter_7b": (conclusion.llama_adapter_7b, count),
         "conclusion.smallest_close_to_full": (conclusion.smallest_close_to_full(runs), name),
         "conclusion.lora_65b_rank": (conclusion.lora_65b_rank, count),
+        "production.llama7b_allreduce": (production.llama7b_allreduce(), count),
+        "production.llama7b_ring": (production.llama7b_ring(), count),
+        "production.smallest_svd_rank": (production.smallest_svd_rank(_two_lora_adapters(), [1.0, 1.0]), count),
     }
 
 
