@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # them several times slower (seen here: a forward pass 9-12 s instead of 2.1 s beside one busy process).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test execute figures site study ddp bench bench-quick data clean
+.PHONY: setup lab test execute figures site study ddp bench bench-quick data clean student blog
 
 setup: $(STAMP)
 
@@ -52,6 +52,16 @@ figures: $(STAMP)
 # The executed notebooks as a static HTML site in docs/ (open docs/index.html).
 site: $(STAMP)
 	$(PY) -m pefttutor.publish site --out docs
+
+# The student release: release/notebooks (no outputs, no solutions; solution() says ask your instructor)
+# and release/nbgrader, an nbgrader course (instructor versions with reference answers, one assignment per notebook).
+student: $(STAMP)
+	$(PY) -m pefttutor.student --out release
+
+# The blog post as a Hugo page bundle in build/blog/parameter-efficient-finetuning/ (index.md + figures),
+# built from the executed notebooks' prose, small result tables and figures/. BLOG_ARGS, e.g. "--out DIR".
+blog: $(STAMP)
+	$(PY) -m pefttutor.blog $(BLOG_ARGS)
 
 # The study: every method to convergence under one protocol, one JSON per run in results/ (resumable:
 # finished runs are skipped). STUDY_ARGS passes options, e.g. STUDY_ARGS="--list" or "--only lora".

@@ -4,9 +4,9 @@ import inspect
 import pkgutil
 
 import pytest
-import torch
 
 from pefttutor.exercises import Exercise, close_to, exact_count
+from tiny_models import two_lora_adapters
 
 
 def make():
@@ -97,22 +97,6 @@ def test_conclusion_exercises(capsys):
     assert "not attempted" in capsys.readouterr().out
 
 
-def _two_lora_adapters():
-    """(config, state dict) of two LoRA adapters (r = 2) on a tiny Llama, B random: updates of rank 2 each."""
-    from pefttutor.methods import lora
-    from tiny_models import tiny_llama
-
-    out = []
-    for seed in (1, 2):
-        model = lora.apply(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for name, p in lora.trainable(model).items():
-                p.normal_()
-        out.append((lora.get_config(model), lora.adapter_state_dict(model)))
-    return out
-
-
 def test_production_checkers_right_and_wrong(capsys):
     from pefttutor import combine
     from pefttutor.exercises import production as nb08
@@ -122,7 +106,7 @@ def test_production_checkers_right_and_wrong(capsys):
     assert nb08.llama7b_ring().check(2 * 7 * 16_777_216 // 8) is True
     assert nb08.llama7b_ring().check(16_777_216) is False
     assert nb08.ring_bytes_sent(100, 2) == 100 and nb08.ring_bytes_sent(800, 8) == 1400
-    adapters = _two_lora_adapters()
+    adapters = two_lora_adapters()
     ex = nb08.smallest_svd_rank(adapters, [1.0, 1.0], tolerance=0.01)
     cat = combine.delta_weights(*combine.weighted_adapter(adapters, [1.0, 1.0], "cat"))
 
@@ -175,7 +159,7 @@ def every_exercise():
         "conclusion.lora_65b_rank": (conclusion.lora_65b_rank, count),
         "production.llama7b_allreduce": (production.llama7b_allreduce(), count),
         "production.llama7b_ring": (production.llama7b_ring(), count),
-        "production.smallest_svd_rank": (production.smallest_svd_rank(_two_lora_adapters(), [1.0, 1.0]), count),
+        "production.smallest_svd_rank": (production.smallest_svd_rank(two_lora_adapters(), [1.0, 1.0]), count),
     }
 
 

@@ -95,3 +95,19 @@ def save_peft_failing_at_the_config(model, folder, monkeypatch) -> None:
     with pytest.raises(OSError, match="disk full"):
         interop.save_peft(model, folder)
     monkeypatch.undo()
+
+
+def two_lora_adapters() -> list[tuple]:
+    """(config, state dict) of two LoRA adapters (r = 2, Wq and Wv) on a tiny Llama, A and B random:
+    updates of rank 2 each, for the exercises on combining adapters."""
+    from pefttutor.methods import lora
+
+    out = []
+    for seed in (1, 2):
+        model = lora.apply(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in lora.trainable(model).values():
+                p.normal_()
+        out.append((lora.get_config(model), lora.adapter_state_dict(model)))
+    return out

@@ -8,16 +8,27 @@ to bottom before the reader has done anything. A checker returns True/False, or 
 or raises AssertionError with a helpful message. Every checker states the kind of answer it takes
 (`@expects(INT)`; `exact_count` and `close_to` do it themselves), so an answer of another type gets
 "expected an int, got str" rather than an error from the checker's own code.
+
+In the student release (`make student`) `PEFTTUTOR_STUDENT=1` is set (its notebooks' first code cell
+does it) and `solution()` tells the reader to ask the instructor; `check()` and `hint()` work as usual.
 """
 
 from __future__ import annotations
 
 import functools
 import numbers
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 NOT_ATTEMPTED = (None, Ellipsis)
+STUDENT_ENV = "PEFTTUTOR_STUDENT"  # set (to anything but "", "0", "false", "no") in the student release
+
+
+def student_mode() -> bool:
+    """Whether solutions are withheld: read at each call, so setting the variable after the import works."""
+    return os.environ.get(STUDENT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
 
 Checker = Callable[[Any], Any]
 
@@ -78,6 +89,10 @@ class Exercise:
         print(f"💡 {self.title}: {self._hint}")
 
     def solution(self) -> None:
+        if student_mode():
+            print(f"📖 {self.title}: the solutions are not part of the student release; ask your instructor "
+                  "(hint() gives a hint, check() grades your answer).")
+            return
         print(f"📖 {self.title}:\n{self._solution}")
 
 

@@ -48,7 +48,7 @@ def llama7b_ring(r: int = 8, n_gpus: int = 8) -> Exercise:
         checker=exact_count(n),
         hint=f"a ring all-reduce is a reduce-scatter then an all-gather; in each, every GPU sends {n_gpus} - 1 "
         f"chunks of S / {n_gpus} bytes, S the gradient's size from the previous exercise.",
-        solution=f"2 * ({n_gpus} - 1) * {s:,} // {n_gpus}  # = {n:,} bytes: almost 2 S, whatever the number of GPUs",
+        solution=f"2 * ({n_gpus} - 1) * {s} // {n_gpus}  # = {n:,} bytes: almost 2 S, whatever the number of GPUs",
     )
 
 
