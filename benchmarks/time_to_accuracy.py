@@ -14,8 +14,8 @@ time, median step time and test accuracy at the end.
 
 Contestants: Trainer with its defaults (random sampling, fp32, eval batch 8, AdamW fused, linear
 decay without warmup); Trainer with its best flags for this machine (`train_sampling_strategy=
-"group_by_length"`, `bf16=True` where the device supports it, eval batch 128); pefttutor's
-`train` as the study runs it (length-grouped batches, bf16 autocast, validation sorted by length).
+"group_by_length"`, `bf16=True` where the device has native bf16 kernels, eval batch 128); pefttutor's
+`train` as the study runs it (length-grouped batches, bf16 autocast where native, validation sorted by length).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def ours(task: protocol.TweetTask, every: int, steps: int) -> dict:
     curve, t0 = [], []
 
     def validate(m):
-        with train.autocast_context(task.device, "bf16"):
+        with train.autocast_context(task.device, train.resolve_autocast(task.device, "auto")):
             acc = task.validate(m)["accuracy"]
         curve.append((time.perf_counter() - t0[0], acc))
         return {"accuracy": acc}
@@ -69,7 +69,7 @@ def ours(task: protocol.TweetTask, every: int, steps: int) -> dict:
         return task.train_batches(SEED)(epoch)
 
     r = train.train(model, batches, task.loss, steps=steps, lr=LR, warmup=0.06, evaluate=validate, eval_every=every,
-                    seed=SEED, device=task.device, progress=False, autocast="bf16")
+                    seed=SEED, device=task.device, progress=False, autocast="auto")
     wall = time.perf_counter() - t0[0]
     return {"curve": curve, "wall_s": wall, "median_step_s": r.median_step_s,
             "test_accuracy": task.evaluate(model, "test")["accuracy"]}
@@ -90,7 +90,6 @@ class _Loss(nn.Module):
 
 def trainer(task: protocol.TweetTask, every: int, best_flags: bool, out_dir: Path) -> dict:
     import peft
-    import transformers
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from pefttutor.models import load_minilm_hf
@@ -119,9 +118,9 @@ def trainer(task: protocol.TweetTask, every: int, best_flags: bool, out_dir: Pat
 
     flags = {}
     if best_flags:
-        bf16 = task.device.type == "cuda" and torch.cuda.is_bf16_supported() or (
-            task.device.type == "cpu" and transformers.utils.is_torch_bf16_available_on_device("cpu"))
-        flags = {"train_sampling_strategy": "group_by_length", "bf16": bool(bf16), "per_device_eval_batch_size": 128}
+        # bf16 only on native kernels: elsewhere (AVX2-only CPUs) PyTorch's bf16 gemm is tens of times slower
+        flags = {"train_sampling_strategy": "group_by_length", "bf16": train.native_bf16(task.device),
+                 "per_device_eval_batch_size": 128}
     args = TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=EPOCHS, per_device_train_batch_size=task.batch_size,
         learning_rate=LR, eval_strategy="steps", eval_steps=every, save_strategy="no", logging_strategy="no",
