@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness import interleaved  # noqa: E402  (benchmarks/harness.py)
-from pefttutor import data  # noqa: E402
+from pefttutor import checkpoint, data  # noqa: E402
 from pefttutor.methods import lora  # noqa: E402
 from pefttutor.multi import MultiAdapter  # noqa: E402
 
@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         "r": args.r, "batch": args.batch, "prompt_tokens": int(mask.sum()),
                         "padded_length": ids.shape[1], "new_tokens": args.new_tokens, "greedy": True},
               "rows": rows}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    checkpoint.write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"wrote {args.out}")
     return 0
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from harness import machine  # noqa: E402  (benchmarks/harness.py)
-from pefttutor import calculator, params, protocol, quant, quantized, train  # noqa: E402
+from pefttutor import calculator, checkpoint, params, protocol, quant, quantized, train  # noqa: E402
 from pefttutor.methods import lora, qlora  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                               "settings": {**LORA, "lr": LR, "qlora_base": "every block linear NF4 + double quant"}}
     print(result["step_seconds"], flush=True)
     result["wall_time_s"] = time.perf_counter() - start
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    checkpoint.write_atomic(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out} in {result['wall_time_s']:.0f} s")
     return 0
 

@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/bench.py)
 from harness import machine  # noqa: E402
-from pefttutor import config, data, protocol, train  # noqa: E402
+from pefttutor import checkpoint, config, data, protocol, train  # noqa: E402
 from pefttutor.methods import lora  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -102,10 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 rows only where the device has native bf16 kernels (elsewhere bf16 is emulated, tens of times slower)
     native = train.native_bf16(device)
     autocasts, fast = ((None, "bf16"), "bf16") if native else ((None,), None)
-    for label, make in (("MiniLM full finetuning", lambda: tweets.new_model(0)), ("MiniLM LoRA r=8 Wq,Wv",
-                                                                                   lambda: qv(tweets.new_model(0)))):
-        if not native:
-            break
+    models = {"MiniLM full finetuning": lambda: tweets.new_model(0),
+              "MiniLM LoRA r=8 Wq,Wv": lambda: qv(tweets.new_model(0))}
+    for label, make in models.items() if native else ():
         t = compare({"fp32": Stepper(make(), tweets.loss, None, True, device),
                      "bf16": Stepper(make(), tweets.loss, "bf16", True, device)}, batches, 2)
         rows.append({"speed-up": "bf16 autocast", "setting": f"{label}, batch 32", "before": t["fp32"],
@@ -113,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     t = compare({"loop": Stepper(tweets.new_model(0), tweets.loss, fast, False, device),
                  "fused": Stepper(tweets.new_model(0), tweets.loss, fast, True, device)}, batches, 2)
-    rows.append({"speed-up": "fused AdamW", "setting": f"MiniLM full finetuning, batch 32, {fast or 'fp32'}", "before": t["loop"],
-                 "after": t["fused"]})
+    rows.append({"speed-up": "fused AdamW", "setting": f"MiniLM full finetuning, batch 32, {fast or 'fp32'}",
+                 "before": t["loop"], "after": t["fused"]})
     print(rows[-1], flush=True)
     model = tweets.new_model(0).eval()
     val = tweets.splits["validation"]
@@ -139,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                      f" {autocast or 'fp32'}", "before": t["all"], "after": t["labelled"]})
         print(rows[-1], flush=True)
     result = {"machine": machine(device), "steps": args.steps, "native_bf16": native, "rows": rows}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    checkpoint.write_atomic(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out}")
     if args.out.parent == HERE and (HERE / "results.json").exists():
         bench.main(["--render-only"])

@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 import bench  # noqa: E402  (benchmarks/bench.py)
 from harness import machine  # noqa: E402
 from kits import HFBertClassifier  # noqa: E402
-from pefttutor import config, data, metrics, protocol, train  # noqa: E402
+from pefttutor import checkpoint, config, data, metrics, protocol, train  # noqa: E402
 from pefttutor.methods import lora  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "r": R, "alpha": ALPHA, "targets": TARGETS, "lr": LR, "epochs": EPOCHS, "batch": task.batch_size,
         "eval_every": every, "steps": steps, "train": len(task.train_set), "validation": len(task.splits["validation"]),
         "mode": "fast" if config.is_fast() else "full"}, "machine": machine(device), "runs": runs}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    checkpoint.write_atomic(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out}")
     if args.out.parent == HERE and (HERE / "results.json").exists():
         bench.main(["--render-only"])  # RESULTS.md shows the table
