@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import cache_dir
+from .config import cache_dir, env_flag
 
 
 def results_dir() -> Path:
@@ -43,7 +42,7 @@ def cached(config: Mapping[str, Any], run: Callable[[], dict[str, Any]], folder:
     folder = Path(folder) if folder is not None else results_dir()
     path = folder / f"{key_of(config)}.json"
     config = json.loads(json.dumps(config, sort_keys=True, default=str))  # as it reads back from JSON
-    if path.exists() and os.environ.get("PEFTTUTOR_RECOMPUTE", "") not in {"1", "true", "yes"}:
+    if path.exists() and not env_flag("PEFTTUTOR_RECOMPUTE"):
         stored = json.loads(path.read_text())
         if stored["config"] == config:  # a hash collision would not pass this
             return stored["result"]

@@ -17,9 +17,14 @@ import torch
 T = TypeVar("T")
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to a true value (1/true/yes, any case)."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
 def is_fast() -> bool:
     """True when `PEFTTUTOR_FAST` is set to a true value (1/true/yes)."""
-    return os.environ.get("PEFTTUTOR_FAST", "").strip().lower() in {"1", "true", "yes"}
+    return env_flag("PEFTTUTOR_FAST")
 
 
 def full_or_fast(full: T, fast: T) -> T:

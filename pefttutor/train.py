@@ -12,7 +12,6 @@ import ctypes
 import gc
 import inspect
 import math
-import os
 import statistics
 import threading
 import time
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import get_device, seed_everything
+from .config import env_flag, get_device, seed_everything
 from . import checks, distributed as dist_
 from .params import count_parameters
 
@@ -299,7 +298,7 @@ def train(
     data = _cycle(batches)
     # progress=False or TQDM_DISABLE=1 (tests, executed notebooks) silence the bar. tqdm reads
     # TQDM_DISABLE itself, but its notebook bar (tqdm.auto in Jupyter) overrides it with disable=False.
-    quiet = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes"}
+    quiet = not progress or env_flag("TQDM_DISABLE")
     bar = tqdm(total=steps, desc="train", leave=False, **({"disable": True} if quiet else {}))
     start = time.perf_counter()
     stopped = False

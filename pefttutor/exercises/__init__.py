@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import functools
 import numbers
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from pefttutor.config import env_flag
+
 NOT_ATTEMPTED = (None, Ellipsis)
-STUDENT_ENV = "PEFTTUTOR_STUDENT"  # set (to anything but "", "0", "false", "no") in the student release
+STUDENT_ENV = "PEFTTUTOR_STUDENT"  # set to 1 (or true, yes) in the student release
 
 
 def student_mode() -> bool:
     """Whether solutions are withheld: read at each call, so setting the variable after the import works."""
-    return os.environ.get(STUDENT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return env_flag(STUDENT_ENV)
 
 
 Checker = Callable[[Any], Any]
