@@ -35,7 +35,6 @@ SUMMARY = ("Soft prompts, prefix tuning, adapters, LLaMA-Adapter and LoRA, each 
 PERMALINK = f"/posts/{SLUG}/"
 MAX_TABLE_ROWS, MAX_TABLE_COLS = 20, 12  # larger outputs are data dumps, not results for a post
 
-_FIGURE = re.compile(r"""plots\.(?:show|save)\(\s*\w+\s*,\s*["']([0-9a-z][0-9a-z_\-]*)["']""")
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t#]*$")
 _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")
 _CHAPTER = re.compile(r"^\d+\s*·\s*")  # "05 · LoRA" -> "LoRA": the post has no chapter numbers
@@ -85,11 +84,6 @@ def front_matter(date: datetime.date) -> str:
     return "\n".join(["---", f"title: {json.dumps(TITLE, ensure_ascii=False)}", f"date: {date.isoformat()}",
                       f"permalink: {json.dumps(PERMALINK)}", f"summary: {json.dumps(SUMMARY, ensure_ascii=False)}",
                       "math: true", "showToc: true", "---", ""])
-
-
-def figure_refs(source: str) -> list[str]:
-    """Figure names a code cell exports: `plots.show(fig, "<name>", ...)` or `plots.save(fig, "<name>")`."""
-    return _FIGURE.findall(source)
 
 
 def figure_file(name: str, folder: Path) -> Path:
@@ -256,7 +250,7 @@ class _Section:
             label = text if text and "\n" not in text and len(text) <= 60 else None
         for label, table in tables:  # several tables from one cell: the one-line print before each names it
             self.parts.append(f"**{escape_inline(label)}**\n\n{table}" if label and len(tables) > 1 else table)
-        for name in figure_refs(cell.source):
+        for name in publish.figure_refs(cell.source):
             path = figure_file(name, self.figures)
             if path in self.shown:
                 continue

@@ -21,7 +21,7 @@ from xml.etree import ElementTree
 from . import checkpoint
 from .config import repo_root
 
-_SHOW = re.compile(r"""plots\.show\(\s*\w+\s*,\s*["']([0-9a-z][0-9a-z_\-]*)["']""")
+_FIGURE = re.compile(r"""plots\.(?:show|save)\(\s*\w+\s*,\s*["']([0-9a-z][0-9a-z_\-]*)["']""")
 _DC = "{http://purl.org/dc/elements/1.1/}"
 
 
@@ -37,8 +37,13 @@ def _read(path: Path):
 
 
 def figure_names(notebook: Path) -> list[str]:
-    """Names of the figures a notebook exports (`plots.show(fig, "<name>")` in its code cells)."""
-    return [m for cell in _read(notebook).cells if cell.cell_type == "code" for m in _SHOW.findall(cell.source)]
+    """Names of the figures a notebook exports (`figure_refs` of its code cells)."""
+    return [m for cell in _read(notebook).cells if cell.cell_type == "code" for m in figure_refs(cell.source)]
+
+
+def figure_refs(source: str) -> list[str]:
+    """Figure names a code cell exports: `plots.show(fig, "<name>", ...)` or `plots.save(fig, "<name>")`."""
+    return _FIGURE.findall(source)
 
 
 def missing_figures(nbs: list[Path], folder: Path) -> dict[Path, list[str]]:
