@@ -49,9 +49,11 @@ execute: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m pefttutor.publish figures $(if $(FORCE),--force)
 
-# The executed notebooks as a static HTML site in docs/ (open docs/index.html).
+# The executed notebooks as a static site in build/site (Sphinx + MyST-NB, configured in site/): nothing is
+# executed, and every file a page loads, MathJax included, is served from the site, so it reads offline.
 site: $(STAMP)
-	$(PY) -m pefttutor.publish site --out docs
+	$(PY) -m sphinx -q -b html site build/site
+	@echo "open build/site/index.html"
 
 # The student release: release/notebooks (no outputs, no solutions; solution() says ask your instructor)
 # and release/nbgrader, an nbgrader course (instructor versions with reference answers, one assignment per notebook).

@@ -3,6 +3,7 @@
     fig, ax = plots.figure()
     ax.plot(...)
     plots.show(fig, "05_lora-singular-values")   # displays, and writes figures/<name>.svg/.png
+    plots.png(fig)                               # or: PNG bytes for a widget's picture (`pefttutor.widgets`)
 
 Exports are reproducible: a fixed SVG hash salt and no date/software metadata, so the same figure
 gives the same SVG bytes on every run (`make figures` relies on it). Each SVG carries a one-line
@@ -89,3 +90,15 @@ def show(fig, name: str | None = None, caption: str | None = None) -> None:
     if name is not None and not is_fast():
         save(fig, name, caption=caption)
     plt.show()
+
+
+def png(fig) -> bytes:
+    """`fig` as PNG bytes at screen resolution, without metadata (the same figure gives the same bytes),
+    and closed in pyplot: a widget panel shows it itself, so the notebook must not draw it again at the
+    end of the cell."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi="figure", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,8 +1,8 @@
-"""The blog's outputs: the figures index and a static HTML site of the executed notebooks.
+"""The blog's chapters and figures: the notebooks in order, the figures they export, their index.
 
     python -m pefttutor.publish figures [--force]   # run notebooks whose figures are missing, index them
-    python -m pefttutor.publish site [--out docs]   # render every notebook to HTML, in the blog's order
 
+The static site of the executed notebooks is Sphinx's (`make site`, configured in site/conf.py).
 Figures are written by `plots.show(fig, "<name>")` when a notebook runs in full mode; each SVG
 carries its caption in its metadata, and `figures/README.md` lists them all (`write_index`).
 """
@@ -10,7 +10,6 @@ carries its caption in its metadata, and `figures/README.md` lists them all (`wr
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import re
 import subprocess
@@ -105,66 +104,21 @@ def title(nb: Path) -> str:
     return nb.stem
 
 
-def _nav(pages: list[tuple[str, str]], i: int) -> str:
-    links = ['<a href="index.html">contents</a>']
-    if i > 0:
-        links.insert(0, f'<a href="{pages[i - 1][0]}">&larr; {html.escape(pages[i - 1][1])}</a>')
-    if i + 1 < len(pages):
-        links.append(f'<a href="{pages[i + 1][0]}">{html.escape(pages[i + 1][1])} &rarr;</a>')
-    return ('<nav class="pefttutor-nav" style="font-family: sans-serif; padding: 8px 16px; '
-            'border-bottom: 1px solid #ddd; display: flex; gap: 24px;">' + "".join(links) + "</nav>")
-
-
-def build_site(nbs: list[Path], out: Path) -> list[Path]:
-    """Render each executed notebook to `out/<stem>.html` (outputs and figures embedded), with
-    previous/next links, and `out/index.html` listing them in the blog's order. Returns the pages."""
-    from nbconvert import HTMLExporter
-
-    out.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="lab")
-    pages = [(f"{nb.stem}.html", title(nb)) for nb in nbs]
-    written = []
-    for i, nb in enumerate(nbs):
-        body, _ = exporter.from_notebook_node(_read(nb))
-        body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav(pages, i), body, count=1)
-        _write(out / pages[i][0], body)
-        written.append(out / pages[i][0])
-    items = "\n".join(f'<li><a href="{href}">{html.escape(name)}</a></li>' for href, name in pages)
-    _write(out / "index.html", f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>pefttutor: parameter-efficient finetuning from scratch</title>
-<style>body {{ font-family: sans-serif; max-width: 46em; margin: 3em auto; line-height: 1.5; }}</style></head>
-<body><h1>pefttutor</h1>
-<p>Parameter-efficient finetuning of language models, built from scratch and run on real pretrained
-models and real data. Each chapter is an executed Jupyter notebook.</p>
-<ol class="chapters">
-{items}
-</ol></body></html>
-""")
-    return [out / "index.html", *written]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pefttutor.publish", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fig = sub.add_parser("figures", help="run the notebooks whose figures are missing, then index figures/")
     fig.add_argument("--force", action="store_true", help="re-run every notebook that exports figures")
-    site = sub.add_parser("site", help="render the executed notebooks to HTML")
-    site.add_argument("--out", type=Path, default=repo_root() / "docs")
     args = parser.parse_args(argv)
-    nbs = notebooks()
-    if args.command == "figures":
-        folder = repo_root() / "figures"
-        todo = [nb for nb in nbs if figure_names(nb)] if args.force else list(missing_figures(nbs, folder))
-        for nb in todo:
-            print(f"executing {nb.name} in full mode", flush=True)
-            execute(nb)
-        still = missing_figures(nbs, folder)
-        if still:
-            raise SystemExit(f"figures still missing after running their notebooks: {still}")
-        print(f"{sum(len(figure_names(nb)) for nb in nbs)} figures; index: {write_index(folder, nbs)}")
-    else:
-        pages = build_site(nbs, args.out)
-        print(f"{len(pages)} pages in {args.out} (open {args.out / 'index.html'})")
+    nbs, folder = notebooks(), repo_root() / "figures"
+    todo = [nb for nb in nbs if figure_names(nb)] if args.force else list(missing_figures(nbs, folder))
+    for nb in todo:
+        print(f"executing {nb.name} in full mode", flush=True)
+        execute(nb)
+    still = missing_figures(nbs, folder)
+    if still:
+        raise SystemExit(f"figures still missing after running their notebooks: {still}")
+    print(f"{sum(len(figure_names(nb)) for nb in nbs)} figures; index: {write_index(folder, nbs)}")
 
 
 if __name__ == "__main__":

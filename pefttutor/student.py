@@ -74,6 +74,9 @@ REFERENCES: dict[tuple[str, str], str] = {
         "answer = 4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384) + 2 * 2 * 384  # = 1,774,464",
     ("prompts", "argmax_gradient"):  # solution() is prose
         'answer = "c"  # argmax returns an integer index with no grad_fn: z never enters the graph',
+    ("prompts", "reversed_demonstrations"):  # the answer is this notebook's experiment
+        "prompts = [data.tweet_prompt(ex['text'], demos[:4][::-1]) for ex in test_set]\n"
+        "answer = metrics.accuracy(icl.label_scores(llm, tok, prompts, label_ids).argmax(-1).tolist(), y_test)",
     ("conclusion", "smallest_close_to_full"):  # the answer comes from this notebook's runs
         'full = statistics.fmean(r["accuracy"] for r in minilm_runs["full finetuning"])\n'
         'close = {name: runs[0]["file_bytes"] for name, runs in minilm_runs.items()\n'

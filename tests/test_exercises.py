@@ -6,7 +6,7 @@ import pkgutil
 import pytest
 
 from pefttutor.exercises import Exercise, close_to, exact_count
-from tiny_models import two_lora_adapters
+from tiny_models import ByteTokenizer, reversed_demos_exercise, tiny_llama, two_lora_adapters
 
 
 def make():
@@ -122,6 +122,26 @@ def test_production_checkers_right_and_wrong(capsys):
     assert ex.check(k + 1) is False and "a smaller one is too" in capsys.readouterr().out
 
 
+def test_reversed_demonstrations_experiment_right_and_wrong(smollm2, capsys):
+    from pefttutor import data, icl, metrics
+
+    model, tok = smollm2
+    label_ids = data.verbalizer_token_ids(tok)
+    ex, tweets, demos = reversed_demos_exercise(model, tok, label_ids)
+    gold = [t["label"] for t in tweets]
+
+    def accuracy(d):  # the learner's experiment, done independently of the checker
+        prompts = [data.tweet_prompt(t["text"], d) for t in tweets]
+        return metrics.accuracy(icl.label_scores_uncached(model, tok, prompts, label_ids).argmax(-1).tolist(), gold)
+
+    reverse, forward = accuracy(demos[::-1]), accuracy(demos)
+    assert ex.check(round(reverse, 3)) is True and "reversed" in capsys.readouterr().out
+    if abs(forward - reverse) > 1e-3:
+        assert ex.check(forward) is False and "original order" in capsys.readouterr().out
+    assert ex.check(reverse + 0.1) is False
+    assert ex.check("0.5") is False and "expected a number, got str" in capsys.readouterr().out
+
+
 @functools.cache
 def every_exercise():
     """Each notebook's exercises, built as the notebooks build them (stand-ins for what they measure),
@@ -141,6 +161,7 @@ def every_exercise():
         "prompts.extend_mask": (prompts.extend_mask(), function),
         "prompts.argmax_gradient": (prompts.argmax_gradient(), name),
         "prompts.relaxed_token": (prompts.relaxed_token(), function),
+        "prompts.reversed_demonstrations": (reversed_demos_exercise(tiny_llama(), ByteTokenizer(), [3, 4, 5])[0], number),
         "prefix.smollm2_params": (prefix.smollm2_params(), count),
         "prefix.smollm2_mlp_params": (prefix.smollm2_mlp_params(), count),
         "prefix.layer_prefix": (prefix.layer_prefix(), function),

@@ -1,7 +1,13 @@
-"""Blog outputs: the figures index and the static site, the site checked in headless Chromium."""
+"""Blog outputs: the figures index, and the Sphinx site (`make site`) checked in headless Chromium offline."""
 
+import functools
 import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
 import pytest
@@ -64,44 +70,121 @@ def _index_as_written(folder):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("site")
-    return out, publish.build_site(NOTEBOOKS, out)
+    """The site as `make site` builds it from site/ (nothing executed), any Sphinx warning an error."""
+    out = tmp_path_factory.mktemp("site") / "html"
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-W", "--keep-going",
+                           str(repo_root() / "site"), str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
 
 
-def test_site_has_an_index_in_the_blogs_order(site):
-    out, pages = site
-    assert [p.name for p in pages] == ["index.html"] + [f"{nb.stem}.html" for nb in NOTEBOOKS]
-    index = (out / "index.html").read_text()
-    positions = [index.index(f'href="{nb.stem}.html"') for nb in NOTEBOOKS]
-    assert positions == sorted(positions)
+CHAPTERS = [f"notebooks/{nb.stem}.html" for nb in NOTEBOOKS]
+
+
+def test_site_lists_the_chapters_in_the_blogs_order_and_ships_mathjax(site):
+    index = (site / "index.html").read_text(encoding="utf-8")
+    toctree = index[index.index('class="toctree-wrapper'):]
+    toctree = toctree[:toctree.index("</ul>")]
+    assert re.findall(r'href="([^"]+)"', toctree) == CHAPTERS
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for page in ["index.html", "search.html", *CHAPTERS]:
+        remote = re.findall(r'<(?:script|link|img)\b[^>]*\b(?:src|href)="((?:https?:)?//[^"]*)"',
+                            (site / page).read_text(encoding="utf-8"))
+        assert remote == [], (page, remote)
 
 
 def _images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+# After MathJax's first typeset: what a chapter page shows. Visible prose is the article's text outside
+# code and typeset math, where any TeX delimiter left would be an equation MathJax did not render.
+_PAGE = """async () => {
+  if (window.MathJax && MathJax.startup) await MathJax.startup.promise;
+  await document.fonts.ready;  // MathJax's fonts too: every request done before the next page
+  const article = document.querySelector("article.bd-article");
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+  let prose = "";
+  for (let n; (n = walker.nextNode());)
+    if (!n.parentElement.closest("pre, code, script, style, mjx-container")) prose += n.data;
+  const hrefs = sel => [...document.querySelectorAll(sel)].map(a => a.getAttribute("href"));
+  return {
+    prose,
+    math: article.querySelectorAll(".math").length,
+    untypeset: [...article.querySelectorAll(".math")].filter(e => !e.querySelector("mjx-container")).length,
+    mathErrors: article.querySelectorAll("mjx-merror").length,
+    images: [...document.images].map(i => [i.getAttribute("src"), i.complete && i.naturalWidth > 0]),
+    outputImages: article.querySelectorAll(".cell_output img").length,
+    errorOutputs: article.querySelectorAll(".cell_output .stderr, .cell_output .traceback").length,
+    nav: [...document.querySelectorAll("nav.bd-docs-nav a.reference.internal")].map(a => a.textContent.trim()),
+    toc: hrefs("#pst-page-toc-nav a"),
+    sections: [...article.querySelectorAll("section > h2")].map(h => "#" + h.parentElement.id),
+    prev: hrefs("a.left-prev"),
+    next: hrefs("a.right-next"),
+  };
+}"""
+_RAW_TEX = re.compile(r"\$\$|\$[^$\s][^$]*\$|\\\(|\\\)|\\\[|\\\]|\\begin\{")
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("PEFTTUTOR_REQUIRE_BROWSER") != "1",
                     reason="no Chromium here (CI installs it and sets PEFTTUTOR_REQUIRE_BROWSER=1)")
-def test_site_renders_in_headless_chromium(site):
+def test_site_in_headless_chromium_typesets_math_shows_figures_and_searches_offline(site):
     from playwright.sync_api import sync_playwright
 
-    out, _ = site
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    # Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        page = browser.new_page()
-        page.goto((out / "index.html").as_uri())
-        links = page.eval_on_selector_all("ol.chapters a", "els => els.map(e => e.getAttribute('href'))")
-        assert links == [f"{nb.stem}.html" for nb in NOTEBOOKS]
-        for nb_path in NOTEBOOKS:
-            nb = nbformat.read(nb_path, as_version=4)
-            page.goto((out / f"{nb_path.stem}.html").as_uri(), wait_until="load")
-            shown = page.eval_on_selector_all(
-                ".jp-OutputArea-output img", "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
-            assert shown == _images(nb) > 0, nb_path.name  # every figure decoded and displayed
-            errors = page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').count()
-            assert errors == 0, f"{nb_path.name} shows {errors} error/stderr outputs"
-            assert page.locator("nav.pefttutor-nav a[href='index.html']").count() == 1
-            assert "Traceback" not in page.inner_text("body")
-        browser.close()
+    requests, outside, broken, script_errors, pages = [], [], [], [], {}
+
+    def only_local(route):
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+            context = browser.new_context()
+            context.route("**/*", only_local)
+            page = context.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("response", lambda r: r.status >= 400 and broken.append(f"{r.status} {r.url}"))
+            page.on("pageerror", lambda e: script_errors.append(str(e)))
+            for chapter in CHAPTERS:
+                page.goto(base + chapter, wait_until="load")
+                pages[chapter] = page.evaluate(_PAGE)
+            page.goto(f"{base}search.html?q=LoRA", wait_until="load")
+            page.wait_for_function("document.querySelector('#search-results .search-summary')"
+                                   "?.textContent.includes('Search finished')", timeout=30_000)
+            hits = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert outside == [], f"requests that would leave the machine: {outside}"
+    assert requests and all(u.startswith(base) for u in requests)
+    assert broken == [] and script_errors == [], (broken, script_errors)
+    titles = [publish.title(nb) for nb in NOTEBOOKS]
+    for i, (nb_path, chapter) in enumerate(zip(NOTEBOOKS, CHAPTERS)):
+        shown, name = pages[chapter], nb_path.name
+        assert shown["untypeset"] == shown["mathErrors"] == 0, (name, shown["untypeset"], shown["mathErrors"])
+        assert not _RAW_TEX.findall(shown["prose"]), (name, _RAW_TEX.findall(shown["prose"])[:5])
+        assert all(ok for _, ok in shown["images"]), (name, [src for src, ok in shown["images"] if not ok])
+        assert shown["outputImages"] == _images(nbformat.read(nb_path, as_version=4)), name
+        assert shown["errorOutputs"] == 0, name
+        assert shown["nav"] == titles, name  # every chapter in the sidebar, in the blog's order
+        assert shown["sections"] and set(shown["sections"]) <= set(shown["toc"]), name  # the chapter's own contents
+        assert shown["prev"] == (["../index.html"] if i == 0 else [f"{NOTEBOOKS[i - 1].stem}.html"]), name
+        assert shown["next"] == ([f"{NOTEBOOKS[i + 1].stem}.html"] if i + 1 < len(NOTEBOOKS) else []), name
+    assert sum(shown["math"] for shown in pages.values()) > 150  # the notebooks' equations, all typeset above
+    assert any(h.startswith(base + "notebooks/05_lora.html") for h in hits), hits

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pefttutor import calculator, combine, student
+from pefttutor import calculator, combine, data, icl, metrics, student
 from pefttutor.exercises import STUDENT_ENV, Exercise, conclusion, introduction, models_and_data, production, prompts
-from tiny_models import two_lora_adapters
+from tiny_models import ByteTokenizer, reversed_demos_exercise, tiny_llama, two_lora_adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -181,12 +181,17 @@ def test_every_table_reference_is_accepted_by_its_checker():
             "head only": [{"accuracy": 0.70, "file_bytes": 4.8e3}]}
     adapters, weights = two_lora_adapters(), [1.0, 1.0]
     minilm_block = sum(p.numel() for p in BertLayer(BertConfig()).parameters())
+    llm, tok, label_ids = tiny_llama(), ByteTokenizer(), [3, 4, 5]
+    reversed_ex, tweets, demos = reversed_demos_exercise(llm, tok, label_ids)
     cases = {  # exercise as the notebook makes it, and the names its reference reads there
         ("models_and_data", "embedding_share"): (models_and_data.embedding_share(134_515_008),
                                                  {"params": _Params, "llm": None}),
         ("introduction", "what_fits_24gb"): (introduction.what_fits_24gb(), {}),
         ("introduction", "minilm_block_params"): (introduction.minilm_block_params(minilm_block), {}),
         ("prompts", "argmax_gradient"): (prompts.argmax_gradient(), {}),
+        ("prompts", "reversed_demonstrations"): (reversed_ex, {"data": data, "icl": icl, "metrics": metrics, "llm": llm,
+                                                            "tok": tok, "label_ids": label_ids, "demos": demos,
+                                                            "test_set": tweets, "y_test": [t["label"] for t in tweets]}),
         ("conclusion", "smallest_close_to_full"): (conclusion.smallest_close_to_full(runs),
                                                    {"statistics": __import__("statistics"), "minilm_runs": runs}),
         ("conclusion", "lora_65b_rank"): (conclusion.lora_65b_rank, {"calc": calculator}),

@@ -3,6 +3,7 @@ interruption, reruns a stale result; the protocol's stopping rule; every experim
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -250,3 +251,19 @@ def test_the_untuned_baseline_uses_the_chat_prompt(fast_mode, tmp_path):
     assert test["predictions"] == task.generate(task.new_model(0), "test", chat=True)
     assert {"BLEU", "ROUGE-L", "BLEU_se", "ROUGE-L_se"} <= set(test)
     assert "<|im_start|>" in task.prompts_of("test", chat=True)[0]
+
+
+def test_notebooks_read_the_committed_runs_and_the_table_agrees_with_them(fast_mode):
+    runs = report.runs("minilm-tweets")  # results/, also in fast mode
+    assert runs and all(r["config"]["task"] == "minilm-tweets" and r["config"]["group"] == "final" for r in runs)
+    rows = {row["method"]: row for row in report.summary(runs, "accuracy")}
+    full = [r for r in runs if r["config"]["name"] == "full"]
+    assert rows["full"]["mean"] == pytest.approx(statistics.fmean(r["best"]["test"]["accuracy"] for r in full))
+    assert rows["full"]["gap"] is None and rows["full"]["seeds"] == len(full)
+    head = [r for r in runs if r["config"]["name"] == "head"]
+    assert rows["head"]["gap"] == pytest.approx(report.gap(head, full, "accuracy"))
+    text = report.render(config.repo_root() / "results", experiments.experiments())
+    assert f"| full | {rows['full']['lr']:g} | {len(full)} | {rows['full']['mean']:.4f}" in text
+    prov = report.provenance(runs)
+    assert prov["dates"][0] <= prov["dates"][1] and all(len(c) == 12 for c in prov["commits"])
+    assert report.runs("no-such-task") == []

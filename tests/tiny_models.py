@@ -111,3 +111,21 @@ def two_lora_adapters() -> list[tuple]:
                 p.normal_()
         out.append((lora.get_config(model), lora.adapter_state_dict(model)))
     return out
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for a tiny model: one id per byte (mod the vocabulary), pad = eos = 0."""
+
+    pad_token_id = eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [b % 63 + 1 for b in text.encode()]}
+
+
+def reversed_demos_exercise(model, tok, label_ids):
+    from pefttutor import data
+    from pefttutor.exercises import prompts
+
+    tweets, pool = data.load_tweets("test", limit=12), data.load_tweets("train", limit=30)
+    demos = [pool[0], pool[1], pool[2], pool[3]]  # labels 0 1 2 0
+    return prompts.reversed_demonstrations(model, tok, tweets, demos, label_ids), tweets, demos

@@ -1,10 +1,14 @@
-"""Exercises of notebook 02 (hard vs soft prompts): soft-prompt sizes, masks, and why argmax has no gradient."""
+"""Exercises of notebook 02 (hard vs soft prompts): soft-prompt sizes, masks, why argmax has no gradient,
+and an experiment: the order of the demonstrations."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import FUNCTION, STR, Exercise, exact_count, expects
+from .. import data, icl, metrics
+from . import FUNCTION, NUMBER, STR, Exercise, exact_count, expects
 
 
 def soft_prompt_params(n_tokens: int = 100, d: int = 4096) -> Exercise:
@@ -94,4 +98,40 @@ def relaxed_token() -> Exercise:
         checker=checker,
         hint="weights = torch.softmax(z / tau, dim=-1) sum to 1 over the vocabulary; mix the rows of E with them.",
         solution="def relaxed(z, E, tau):\n    return torch.softmax(z / tau, dim=-1) @ E",
+    )
+
+
+def reversed_demonstrations(model, tokenizer, tweets, demos, label_ids) -> Exercise:
+    """The experiment: the test accuracy of the k-shot prompt with `demos` in reverse order.
+
+    The checker scores both orders itself (once, at the first check), so the answer is verified
+    against a run, not a stored number; within 0.0005 (an accuracy printed to 3 decimals)."""
+    gold = [ex["label"] for ex in tweets]
+
+    @functools.cache
+    def accuracy(order: tuple[int, ...]) -> float:
+        prompts = [data.tweet_prompt(ex["text"], [demos[i] for i in order]) for ex in tweets]
+        return metrics.accuracy(icl.label_scores(model, tokenizer, prompts, label_ids).argmax(-1).tolist(), gold)
+
+    k = len(demos)
+
+    @expects(NUMBER)
+    def checker(answer):
+        reverse, forward = accuracy(tuple(reversed(range(k)))), accuracy(tuple(range(k)))
+        if abs(answer - reverse) <= 5e-4:
+            return True, f"reversed {reverse:.3f} vs {forward:.3f} in the original order: the same {k} examples"
+        if abs(answer - forward) <= 5e-4:
+            return False, "that is the original order's accuracy: reverse the demonstrations first"
+        return False, f"got {answer:.3f}; score every test tweet with the reversed demonstrations"
+
+    return Exercise(
+        f"{k}-shot accuracy with the demonstrations reversed",
+        checker=checker,
+        hint="prompts = [data.tweet_prompt(ex['text'], demos[::-1]) for ex in the test tweets]; then "
+             "icl.label_scores(...).argmax(-1) and metrics.accuracy against the labels.",
+        solution="prompts = [data.tweet_prompt(ex['text'], demos[:4][::-1]) for ex in test_set]\n"
+                 "preds = icl.label_scores(llm, tok, prompts, label_ids).argmax(-1).tolist()\n"
+                 "answer = metrics.accuracy(preds, y_test)\n"
+                 "# the same examples in another order: in-context learning in a small model is sensitive to it "
+                 "(a recency bias: the last demonstrations' labels weigh most)",
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, data, metrics, protocol
+from ..config import repo_root
 from ..compare import mean_std
 
 REFERENCE = "full"  # the method every other is compared with
@@ -88,36 +89,64 @@ def late_gain(record: dict[str, Any], last: int = 2) -> float | None:
     return scale * (gain if record["mode"] == "max" else -gain)
 
 
-def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], order: list[str]) -> list[str]:
+def _by_name(records: list[dict[str, Any]], order: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by method name, in `order` (others last), each group by seed."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(records, key=lambda r: (order.index(r["config"]["name"]) if r["config"]["name"] in order
                                             else len(order), r["config"]["seed"])):
         by_name.setdefault(r["config"]["name"], []).append(r)
+    return by_name
+
+
+def summary(records: list[dict[str, Any]], key: str, order: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per method of a task's runs: the seeds' test `key` at the best validation point
+    (values, mean, std), the test set's standard error, the gap to full finetuning (`gap`), and
+    the cost: what both `results/README.md` and the notebooks show."""
+    by_name = _by_name(records, order or [])
     ref = by_name.get(REFERENCE)
+    rows = []
+    for name, rs in by_name.items():
+        c = rs[0]["cost"]
+        med = lambda k: statistics.median(r["cost"][k] for r in rs) if c[k] is not None else None  # noqa: E731
+        values = [r["best"]["test"][key] for r in rs]
+        mean, std = mean_std(values)
+        gains = [g for g in (late_gain(r) for r in rs) if g is not None]
+        rows.append({
+            "method": name, "lr": rs[0]["config"]["lr"], "seeds": len(rs), "values": values, "mean": mean,
+            "std": std if len(rs) > 1 else None, "se": statistics.fmean(r["best"]["test"][key + "_se"] for r in rs),
+            "gap": None if ref is None or name == REFERENCE else gap(rs, ref, key),
+            "end": [r["end"]["test"][key] for r in rs],
+            "steps_to_best": [r["best"]["step"] for r in rs], "stopped": sorted({r["stopped"] for r in rs}),
+            "late_gain": max(gains) if gains else None,
+            "trainable": c["trainable_params"], "stored": c["stored_params"], "file_bytes": c["file_bytes"],
+            "step_s": med("median_step_s"), "peak_mb": med("peak_memory_mb"), "latency_ms": c["latency_ms"],
+            "train_time_s": statistics.fmean(r["total_time_s"] for r in rs), "runs": rs,
+        })
+    return rows
+
+
+def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], order: list[str]) -> list[str]:
     cols = ["method", "lr", "seeds"] + [f"test {k}" for k, _ in keys] + [f"{keys[0][0]} se", "Δ vs full",
             f"test {keys[0][0]} at the end", "steps to best",
             "stopped", "late gain", "trainable", "stored", "file (KB)", "step (ms)", "peak MB", "latency (ms)", "train time (s)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, rs in by_name.items():
-        c = rs[0]["cost"]
-        med = lambda key: statistics.median(r["cost"][key] for r in rs) if c[key] is not None else None  # noqa: E731
-        step, peak = med("median_step_s"), med("peak_memory_mb")
-        row = [name, f"{rs[0]['config']['lr']:g}", str(len(rs))]
-        row += [_fmt([r["best"]["test"][k] for r in rs], d) for k, d in keys]
-        row += [f"{statistics.fmean(r['best']['test'][keys[0][0] + '_se'] for r in rs):.{keys[0][1]}f}"]
-        if ref is None or name == REFERENCE:
+    (key, digits), others = keys[0], keys[1:]
+    for s in summary(records, key, order):
+        row = [s["method"], f"{s['lr']:g}", str(s["seeds"]), _fmt(s["values"], digits)]
+        row += [_fmt([r["best"]["test"][k] for r in s["runs"]], d) for k, d in others]
+        row.append(f"{s['se']:.{digits}f}")
+        if s["gap"] is None:
             row.append("")
         else:
-            d, se = gap(rs, ref, keys[0][0])
+            d, se = s["gap"]
             row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if abs(d) < 2 * se else ""))
-        row.append(_fmt([r["end"]["test"][keys[0][0]] for r in rs], keys[0][1]))
-        gains = [g for g in (late_gain(r) for r in rs) if g is not None]
-        row += [", ".join("—" if r["best"]["step"] is None else str(r["best"]["step"]) for r in rs),
-                ", ".join(sorted({r["stopped"] for r in rs})),
-                f"{max(gains):+.2f}" if gains else "",
-                f"{c['trainable_params']:,}", f"{c['stored_params']:,}", f"{c['file_bytes'] / 1e3:,.1f}",
-                "" if step is None else f"{1000 * step:.0f}", "" if peak is None else f"{peak:.0f}",
-                f"{c['latency_ms']:.1f}", f"{statistics.fmean(r['total_time_s'] for r in rs):.0f}"]
+        row.append(_fmt(s["end"], digits))
+        row += [", ".join("—" if step is None else str(step) for step in s["steps_to_best"]), ", ".join(s["stopped"]),
+                "" if s["late_gain"] is None else f"{s['late_gain']:+.2f}",
+                f"{s['trainable']:,}", f"{s['stored']:,}", f"{s['file_bytes'] / 1e3:,.1f}",
+                "" if s["step_s"] is None else f"{1000 * s['step_s']:.0f}",
+                "" if s["peak_mb"] is None else f"{s['peak_mb']:.0f}",
+                f"{s['latency_ms']:.1f}", f"{s['train_time_s']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -170,14 +199,27 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         if sweep:
             out += ["### Learning-rate sweep (seed 0, 1 epoch; for `features` the rate is the logistic "
                     "regression's C; the chosen rate in bold)\n", *_sweep_table(sweep, order), ""]
-    provs = [r["provenance"] for r in records]
-    if provs:
-        machines = sorted({f"{p['device']} ({p['device_name']}, {p['threads']} threads), torch {p['torch']}" for p in provs})
-        commits = sorted({p["git_commit"][:12] for p in provs})
-        dates = sorted(p["date"] for p in provs)
-        out += ["## Provenance\n", f"- machines: {'; '.join(machines)}", f"- commits: {', '.join(commits)}",
-                f"- dates: {dates[0]} to {dates[-1]}", ""]
+    if records:
+        p = provenance(records)
+        out += ["## Provenance\n", f"- machines: {'; '.join(p['machines'])}", f"- commits: {', '.join(p['commits'])}",
+                f"- dates: {p['dates'][0]} to {p['dates'][1]}", ""]
     return "\n".join(out)
+
+
+def provenance(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where runs came from: machines (device, CPU or GPU, threads, torch), commits, first and last date."""
+    provs = [r["provenance"] for r in records]
+    dates = sorted(p["date"] for p in provs)
+    return {"machines": sorted({f"{p['device']} ({p['device_name']}, {p['threads']} threads), torch {p['torch']}"
+                                for p in provs}),
+            "commits": sorted({p["git_commit"][:12] for p in provs}), "dates": (dates[0], dates[-1])}
+
+
+def runs(task: str, group: str = "final", folder: Path | None = None) -> list[dict[str, Any]]:
+    """The committed runs of `task` in `group` ("final", "fp32" or "sweep"): what notebooks read, in
+    fast mode too (the study's fast mode writes elsewhere)."""
+    return [r for r in load_all(folder or repo_root() / "results")
+            if r["config"]["task"] == task and r["config"]["group"] == group]
 
 
 def write_readme(folder: Path, all_experiments: list[dict[str, Any]]) -> Path:
