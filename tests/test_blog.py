@@ -2,27 +2,22 @@
 opened in headless Chromium. Fast: nothing is executed, the notebooks' committed outputs are read."""
 
 import datetime
-import functools
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
 import pytest
 
 from pefttutor import blog, plots, publish
+from browser import CHROMIUM, REQUIRED, SKIP_REASON, offline_page
 from pefttutor.config import repo_root
 
 NOTEBOOKS = blog.post_notebooks()
 FIGURES = repo_root() / "figures"
 HUGO = shutil.which("hugo")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-REQUIRED = os.environ.get("PEFTTUTOR_REQUIRE_BROWSER") == "1"  # CI installs both and sets it
 FIELDS = {"title": str, "date": datetime.date, "permalink": str, "summary": str, "math": bool, "showToc": bool}
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 _UNESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
@@ -237,47 +232,17 @@ def test_hugo_builds_the_page_with_figures_toc_and_math_intact(bundle, hugo_site
     assert not re.search(r"<(em|strong)>[^<]*\\", article), "emphasis inside math"
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @needs_hugo
-@pytest.mark.skipif(CHROMIUM is None and not REQUIRED,
-                    reason="no Chromium here (CI installs it and sets PEFTTUTOR_REQUIRE_BROWSER=1)")
+@pytest.mark.skipif(CHROMIUM is None and not REQUIRED, reason=SKIP_REASON)
 def test_page_shows_every_figure_in_headless_chromium_offline(bundle, hugo_site):
-    from playwright.sync_api import sync_playwright
-
     _, _, body = bundle
     public, _ = hugo_site
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(public)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
-    requests, outside = [], []
-
-    def only_local(route):
-        if route.request.url.startswith(base):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-            page = browser.new_page()
-            page.route("**/*", only_local)
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(f"{base}posts/{blog.SLUG}/", wait_until="load")
-            images = page.eval_on_selector_all(
-                "article img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
-            headings = page.eval_on_selector_all("article h2", "els => els.map(e => e.textContent)")
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with offline_page(public) as (base, page, seen):
+        page.goto(f"{base}posts/{blog.SLUG}/", wait_until="load")
+        images = page.eval_on_selector_all(
+            "article img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
+        headings = page.eval_on_selector_all("article h2", "els => els.map(e => e.textContent)")
+    outside, requests = seen["outside"], seen["requests"]
     assert [src for src, _ in images] == _IMAGE.findall(body)
     assert all(ok for _, ok in images), [src for src, ok in images if not ok]
     assert headings == re.findall(r"^## (.+)$", body, re.M)

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from pefttutor import calculator, methods, quantized
 from pefttutor.models import BertClassifier

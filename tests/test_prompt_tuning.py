@@ -1,7 +1,6 @@
 """Prompt tuning: the soft prompt hook, init, masks, caching, save/load, and HF peft's PromptTuning as peer."""
 
 import copy
-import os
 
 import peft
 import pytest

@@ -1,22 +1,18 @@
 """Blog outputs: the figures index, and the Sphinx site (`make site`) checked in headless Chromium offline."""
 
-import functools
-import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import nbformat
 import pytest
 
 from pefttutor import plots, publish
+from browser import CHROMIUM, REQUIRED, SKIP_REASON, offline_page
 from pefttutor.config import repo_root
 
 NOTEBOOKS = publish.notebooks()
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def test_figure_names_and_index(tmp_path):
@@ -126,51 +122,18 @@ _PAGE = """async () => {
 _RAW_TEX = re.compile(r"\$\$|\$[^$\s][^$]*\$|\\\(|\\\)|\\\[|\\\]|\\begin\{")
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.mark.skipif(CHROMIUM is None and os.environ.get("PEFTTUTOR_REQUIRE_BROWSER") != "1",
-                    reason="no Chromium here (CI installs it and sets PEFTTUTOR_REQUIRE_BROWSER=1)")
+@pytest.mark.skipif(CHROMIUM is None and not REQUIRED, reason=SKIP_REASON)
 def test_site_in_headless_chromium_typesets_math_shows_figures_and_searches_offline(site):
-    from playwright.sync_api import sync_playwright
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
-    # Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
-    requests, outside, broken, script_errors, pages = [], [], [], [], {}
-
-    def only_local(route):
-        if route.request.url.startswith(base):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-            context = browser.new_context()
-            context.route("**/*", only_local)
-            page = context.new_page()
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("response", lambda r: r.status >= 400 and broken.append(f"{r.status} {r.url}"))
-            page.on("pageerror", lambda e: script_errors.append(str(e)))
-            for chapter in CHAPTERS:
-                page.goto(base + chapter, wait_until="load")
-                pages[chapter] = page.evaluate(_PAGE)
-            page.goto(f"{base}search.html?q=LoRA", wait_until="load")
-            page.wait_for_function("document.querySelector('#search-results .search-summary')"
-                                   "?.textContent.includes('Search finished')", timeout=30_000)
-            hits = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    pages = {}
+    with offline_page(site) as (base, page, seen):
+        for chapter in CHAPTERS:
+            page.goto(base + chapter, wait_until="load")
+            pages[chapter] = page.evaluate(_PAGE)
+        page.goto(f"{base}search.html?q=LoRA", wait_until="load")
+        page.wait_for_function("document.querySelector('#search-results .search-summary')"
+                               "?.textContent.includes('Search finished')", timeout=30_000)
+        hits = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
+    outside, requests, broken, script_errors = seen["outside"], seen["requests"], seen["broken"], seen["errors"]
     assert outside == [], f"requests that would leave the machine: {outside}"
     assert requests and all(u.startswith(base) for u in requests)
     assert broken == [] and script_errors == [], (broken, script_errors)
