@@ -394,6 +394,15 @@ def training_memory_bytes(arch: Arch | str | dict | int, method: str = "full", *
     return training_memory(arch, method, **kwargs)["total"]
 
 
+def mixed_precision_bytes(arch: Arch | str | dict, method: str = "full", **hparams) -> float:
+    """Bytes of weights, gradients and AdamW states in mixed precision, as large models train: each
+    trained parameter 2 + 2 + 4 + 8 = 16 bytes (16-bit weight and gradient, fp32 master copy, two fp32
+    moments: no less than in fp32), each frozen one 2 (16-bit). No activations (`activation_memory_bytes`).
+    `training_memory(dtype="bf16")` instead keeps everything in 16 bits: a lower bound few optimizers reach."""
+    n, t = total_params(arch), peft_params(arch, method, **hparams)
+    return 2 * (0 if method == "full" else n) + 16 * t
+
+
 def activation_memory_bytes(
     arch: Arch | str,
     batch_size: int,

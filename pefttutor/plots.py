@@ -39,6 +39,23 @@ matplotlib.rcParams.update(
 
 _NAME = re.compile(r"^[0-9a-z][0-9a-z_\-]*$")
 
+# One colour per method in every figure, keyed by the study's method names (`pefttutor.study.experiments`):
+# families share a hue (LoRA and its variants blues, adapters greens, prompt-style methods reds and oranges).
+METHOD_COLORS = {
+    "full": "#000000", "head": "#8c8c8c", "features": "#bcbd22", "untuned": "#c7c7c7",
+    "lora": "#1f77b4", "lora-qv": "#1f77b4", "lora-all": "#6baed6", "dora": "#17becf", "dora-qv": "#17becf",
+    "qlora": "#393b79", "ia3": "#9467bd",
+    "houlsby": "#2ca02c", "pfeiffer": "#98df8a", "parallel": "#637939", "llama-adapter": "#8c564b",
+    "prefix": "#d62728", "prefix-mlp": "#ff9896", "soft-prompt": "#ff7f0e",
+}
+
+
+def method_color(name: str) -> str:
+    """The colour of a study method (`METHOD_COLORS`); an unknown name lists the known ones."""
+    if name not in METHOD_COLORS:
+        raise KeyError(f"no colour for method {name!r}; known: {', '.join(METHOD_COLORS)}")
+    return METHOD_COLORS[name]
+
 
 def figures_dir() -> Path:
     """`PEFTTUTOR_FIGURES` or `<repo>/figures`."""

@@ -77,11 +77,10 @@ REFERENCES: dict[tuple[str, str], str] = {
     ("prompts", "reversed_demonstrations"):  # the answer is this notebook's experiment
         "prompts = [data.tweet_prompt(ex['text'], demos[:4][::-1]) for ex in test_set]\n"
         "answer = metrics.accuracy(icl.label_scores(llm, tok, prompts, label_ids).argmax(-1).tolist(), y_test)",
-    ("conclusion", "smallest_close_to_full"):  # the answer comes from this notebook's runs
-        'full = statistics.fmean(r["accuracy"] for r in minilm_runs["full finetuning"])\n'
-        'close = {name: runs[0]["file_bytes"] for name, runs in minilm_runs.items()\n'
-        '         if statistics.fmean(r["accuracy"] for r in runs) >= full - 0.02}\n'
-        "answer = min(close, key=close.get)  # the smallest file among the methods within 2 points of full finetuning",
+    ("conclusion", "smallest_close_to_full"):  # the answer comes from this notebook's study table
+        'close = {r["method"]: r["file_bytes"] for r in minilm_rows\n'
+        '         if r["method"] == "full" or r["gap"][0] >= -2 * r["gap"][1]}\n'
+        "answer = min(close, key=close.get)  # the smallest file among the methods within noise of full finetuning",
     ("conclusion", "lora_65b_rank"):  # solution() is prose; the answer is the search it describes
         "answer = max(r for r in range(1, 4097)\n"
         '             if calc.gb(calc.training_memory_bytes("llama-65b", "lora", r=r, dtype="bf16")) <= 140)\n'

@@ -276,3 +276,11 @@ def test_calculator_equals_the_bytes_of_a_4_bit_smollm2(smollm2, double_quant):
     assert abs(8 * four_bit / n - calc.bits_per_parameter(double_quant)) < 2e-3
     qlora.apply(model, r=4)
     assert params.count_parameters(model)[0] == calc.peft_params("smollm2-135m", "qlora", r=4)
+
+
+def test_mixed_precision_counts_16_bytes_per_trained_and_2_per_frozen_parameter():
+    n = calc.total_params("gpt3-175b")
+    t = calc.peft_params("gpt3-175b", "lora", r=4, targets=("q", "v"))
+    assert calc.mixed_precision_bytes("gpt3-175b") == 16 * n == calc.training_memory_bytes("gpt3-175b")  # = fp32
+    assert calc.mixed_precision_bytes("gpt3-175b", "lora", r=4, targets=("q", "v")) == 2 * n + 16 * t
+    assert calc.mixed_precision_bytes("gpt3-175b") > 2 * calc.training_memory_bytes("gpt3-175b", dtype="bf16") - 1

@@ -85,11 +85,13 @@ def test_conclusion_exercises(capsys):
 
     assert c.llama_adapter_7b.check(30 * (10 * 4096 + 32)) is True
     assert c.llama_adapter_7b.check(30 * 10 * 4096) is False
-    runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}, {"accuracy": 0.76, "file_bytes": 90e6}],
-            "LoRA": [{"accuracy": 0.76, "file_bytes": 300e3}],
-            "head only": [{"accuracy": 0.66, "file_bytes": 5e3}]}
-    ex = c.smallest_close_to_full(runs)
-    assert ex.check("LoRA") is True and ex.check("head only") is False
+    rows = [{"method": "full", "gap": None, "file_bytes": 90e6},
+            {"method": "lora-qv", "gap": (-0.7, 0.6), "file_bytes": 300e3},
+            {"method": "ia3", "gap": (-1.3, 0.6), "file_bytes": 70e3},  # beyond 2 standard errors: worse
+            {"method": "head", "gap": (-8.8, 0.9), "file_bytes": 5e3}]
+    ex = c.smallest_close_to_full(rows)
+    assert ex.check("lora-qv") is True and ex.check("head") is False and ex.check("ia3") is False
+    assert ex.check(3) is False  # a wrong type is an answer, and wrong
     assert c.largest_fitting_rank(budget_gb=131) == 0 or c.largest_fitting_rank(budget_gb=131) < 30
     r = c.largest_fitting_rank()
     assert c.lora_65b_rank.check(r) is True and c.lora_65b_rank.check(r + 1) is False
@@ -149,7 +151,7 @@ def every_exercise():
     from pefttutor.exercises import (adapters, conclusion, introduction, llama_adapter, lora, models_and_data, prefix,
                                      production, prompts)
 
-    runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}], "LoRA": [{"accuracy": 0.77, "file_bytes": 3e5}]}
+    rows = [{"method": "full", "gap": None, "file_bytes": 90e6}, {"method": "lora-qv", "gap": (-0.7, 0.6), "file_bytes": 3e5}]
     count, number, name, function = "an int", "a number", "a str", "a function"
     return {
         "models_and_data.block_params": (models_and_data.block_params(), count),
@@ -176,7 +178,7 @@ def every_exercise():
         "llama_adapter.smollm2_params": (llama_adapter.smollm2_params(), count),
         "llama_adapter.first_step": (llama_adapter.first_step(), name),
         "conclusion.llama_adapter_7b": (conclusion.llama_adapter_7b, count),
-        "conclusion.smallest_close_to_full": (conclusion.smallest_close_to_full(runs), name),
+        "conclusion.smallest_close_to_full": (conclusion.smallest_close_to_full(rows), name),
         "conclusion.lora_65b_rank": (conclusion.lora_65b_rank, count),
         "production.llama7b_allreduce": (production.llama7b_allreduce(), count),
         "production.llama7b_ring": (production.llama7b_ring(), count),

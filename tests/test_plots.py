@@ -29,3 +29,16 @@ def test_fast_mode_does_not_export(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTTUTOR_FIGURES", str(tmp_path))
     plots.show(draw(), "fast")
     assert not list(tmp_path.iterdir())
+
+
+def test_every_study_method_has_its_own_colour():
+    from pefttutor.study import experiments
+
+    by_task = {}
+    for e in experiments.experiments():
+        by_task.setdefault(e["task"], set()).add(e["name"])
+    for task, names in by_task.items():
+        colours = [plots.method_color(n) for n in sorted(names)]
+        assert len(set(colours)) == len(colours), task  # within a figure, no two methods share a colour
+    with pytest.raises(KeyError, match="known: full, head"):
+        plots.method_color("LoRA")

@@ -176,9 +176,8 @@ def _answer(code: str, namespace: dict):
 def test_every_table_reference_is_accepted_by_its_checker():
     from pefttutor.models.bert import BertConfig, BertLayer
 
-    runs = {"full finetuning": [{"accuracy": 0.78, "file_bytes": 90e6}, {"accuracy": 0.76, "file_bytes": 90e6}],
-            "LoRA": [{"accuracy": 0.765, "file_bytes": 3e5}], "Houlsby": [{"accuracy": 0.77, "file_bytes": 1.2e6}],
-            "head only": [{"accuracy": 0.70, "file_bytes": 4.8e3}]}
+    rows = [{"method": "full", "gap": None, "file_bytes": 90e6}, {"method": "lora-qv", "gap": (-0.7, 0.6), "file_bytes": 3e5},
+            {"method": "houlsby", "gap": (0.7, 0.5), "file_bytes": 1.2e6}, {"method": "head", "gap": (-8.8, 0.9), "file_bytes": 4.8e3}]
     adapters, weights = two_lora_adapters(), [1.0, 1.0]
     minilm_block = sum(p.numel() for p in BertLayer(BertConfig()).parameters())
     llm, tok, label_ids = tiny_llama(), ByteTokenizer(), [3, 4, 5]
@@ -192,8 +191,8 @@ def test_every_table_reference_is_accepted_by_its_checker():
         ("prompts", "reversed_demonstrations"): (reversed_ex, {"data": data, "icl": icl, "metrics": metrics, "llm": llm,
                                                             "tok": tok, "label_ids": label_ids, "demos": demos,
                                                             "test_set": tweets, "y_test": [t["label"] for t in tweets]}),
-        ("conclusion", "smallest_close_to_full"): (conclusion.smallest_close_to_full(runs),
-                                                   {"statistics": __import__("statistics"), "minilm_runs": runs}),
+        ("conclusion", "smallest_close_to_full"): (conclusion.smallest_close_to_full(rows),
+                                                   {"minilm_rows": rows}),
         ("conclusion", "lora_65b_rank"): (conclusion.lora_65b_rank, {"calc": calculator}),
         ("production", "smallest_svd_rank"): (production.smallest_svd_rank(adapters, weights, tolerance=0.01),
                                               {"combine": combine, "math": math, "adapters": adapters,

@@ -45,6 +45,10 @@ def test_experiments_are_unique_and_every_final_run_follows_its_sweep():
     assert tweets == set(experiments.TWEET_METHODS)
     restaurants = {e["name"] for e in exps if e["task"] == "smollm2-restaurants"}
     assert restaurants == set(experiments.RESTAURANT_METHODS) | {"untuned"}
+    assert set(experiments.RESTAURANT_LR_SOURCE) == set(experiments.RESTAURANT_METHODS)  # every rate says where it came from
+    assert {e["name"] for e in exps} <= set(experiments.LABELS)
+    longer = [e for e in exps if e["group"] == "longer"]
+    assert longer and all(e["epochs"] == 2 * protocol.TweetTask.max_epochs for e in longer)
 
 
 @pytest.mark.parametrize("name", list(experiments.TWEET_METHODS))
@@ -267,3 +271,8 @@ def test_notebooks_read_the_committed_runs_and_the_table_agrees_with_them(fast_m
     prov = report.provenance(runs)
     assert prov["dates"][0] <= prov["dates"][1] and all(len(c) == 12 for c in prov["commits"])
     assert report.runs("no-such-task") == []
+
+
+def test_indistinguishable_means_within_two_standard_errors():
+    assert report.indistinguishable((-1.1, 0.6)) and report.indistinguishable((1.1, 0.6))
+    assert not report.indistinguishable((-1.3, 0.6)) and not report.indistinguishable((1.3, 0.6))

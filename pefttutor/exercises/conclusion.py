@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,10 +17,12 @@ llama_adapter_7b = Exercise(
 )
 
 
-def smallest_close_to_full(runs: Mapping[str, Sequence[Mapping[str, Any]]], within: float = 0.02) -> Exercise:
-    """`runs`: method name -> per-seed results with "accuracy" and "file_bytes" (notebook 06's MiniLM runs)."""
-    full = statistics.fmean(r["accuracy"] for r in runs["full finetuning"])
-    close = {n: rs[0]["file_bytes"] for n, rs in runs.items() if statistics.fmean(r["accuracy"] for r in rs) >= full - within}
+def smallest_close_to_full(rows: Sequence[Mapping[str, Any]]) -> Exercise:
+    """`rows`: the study's summary of a task (`report.summary`): per method its "gap" to full
+    finetuning (points, standard error) and its "file_bytes". The answer: the smallest file among the
+    methods not worse than full finetuning beyond noise (gap >= -2 standard errors)."""
+    close = {r["method"]: r["file_bytes"] for r in rows
+             if r["method"] == "full" or (r["gap"] is not None and r["gap"][0] >= -2 * r["gap"][1])}
     best = min(close, key=close.get)
 
     @expects(STR)
@@ -29,10 +30,11 @@ def smallest_close_to_full(runs: Mapping[str, Sequence[Mapping[str, Any]]], with
         return answer == best, "" if answer == best else f"{answer!r} is not it; candidates: {sorted(close)}"
 
     return Exercise(
-        "smallest file within 2 points of full finetuning",
+        "smallest file among the methods indistinguishable from full finetuning",
         checker=checker,
-        hint="Keep the rows whose mean accuracy is at least full finetuning's minus 0.02, then compare 'file (KB)'.",
-        solution=f"{best!r}: {close[best] / 1e3:.1f} KB (full finetuning's mean accuracy: {full:.3f})",
+        hint="Keep the rows whose Δ vs full is at least -2 standard errors (or better), then compare their files.",
+        solution=f"{best!r}: {close[best] / 1e3:.1f} KB, the smallest of {len(close)} methods within noise of "
+        "full finetuning (or above it)",
     )
 
 

@@ -10,6 +10,8 @@ Per task and method, in this order:
   early stopping, one run per seed.
 * `fp32`: LoRA and full finetuning again without bf16 autocast (seed 0 and 1): the accuracy check
   for autocast as the study's default.
+* `longer`: LoRA and full finetuning again with twice the cap (6 epochs; the cosine schedule
+  stretched to it), seed 0: the plateau check for runs that stopped at the cap.
 SmolLM2 runs use the learning rates of the method notebooks (no sweep: a run costs 10-60 minutes
 on a laptop CPU), seed 0 first; DoRA, QLoRA and LoRA on every block linear (QLoRA's 32-bit
 counterpart) take LoRA's rate, IA3 its paper's 3e-3.
@@ -21,6 +23,7 @@ from typing import Any
 
 SEEDS = (0, 1, 2)
 AUTOCAST = "bf16"  # the study's default; the `fp32` group measures what it changes
+LONGER_EPOCHS = 6  # the `longer` group: twice the tweet task's cap of 3 epochs
 BERT_ALL_LINEAR = ["query", "key", "value", "output.dense", "intermediate.dense"]
 LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,7 +46,7 @@ TWEET_METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
             [3e-3, 1e-2, 3e-2]),
 }
 
-# name -> (spec, learning rate from the method notebooks)
+# name -> (spec, learning rate from the method notebooks; where each came from: RESTAURANT_LR_SOURCE)
 RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "lora": ({"method": "lora", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 8, "alpha": 16}, 2e-3),
     "full": ({"method": "full"}, 5e-5),
@@ -56,6 +59,23 @@ RESTAURANT_METHODS: dict[str, tuple[dict[str, Any], float]] = {
     # QLoRA against LoRA on the same layers (every block linear, the paper's setting) in 32 bits
     "lora-all": ({"method": "lora", "targets": LLAMA_ALL_LINEAR, "r": 8, "alpha": 16}, 2e-3),
     "qlora": ({"method": "qlora", "targets": LLAMA_ALL_LINEAR, "r": 8, "alpha": 16}, 2e-3),
+}
+RESTAURANT_LR_SOURCE = {
+    "lora": "notebook 05 (SmolLM2 LoRA)", "full": "untuned, a common default for full finetuning",
+    "llama-adapter": "notebook 04 (LLaMA-Adapter)", "houlsby": "untuned, LoRA's rate",
+    "prefix-mlp": "notebook 03 (prefix with the MLP)", "soft-prompt": "notebook 03 (soft prompt)",
+    "dora": "LoRA's", "ia3": "the IA3 paper's", "lora-all": "LoRA's", "qlora": "LoRA's",
+}
+
+# name -> how tables and figures name the method
+LABELS = {
+    "full": "full finetuning", "head": "head only", "features": "frozen features + logistic regression",
+    "untuned": "untuned (chat prompt)", "lora-qv": "LoRA r=8 on Wq, Wv", "lora": "LoRA r=8 on q, k, v, o",
+    "lora-all": "LoRA r=8 on every linear layer", "dora-qv": "DoRA r=8 on Wq, Wv", "dora": "DoRA r=8 on q, k, v, o",
+    "qlora": "QLoRA r=8 on every linear layer (NF4 base)", "ia3": "IA3",
+    "houlsby": "Houlsby adapters m=32", "pfeiffer": "Pfeiffer adapters m=32", "parallel": "parallel adapters m=32",
+    "llama-adapter": "LLaMA-Adapter, 10 tokens", "prefix-mlp": "prefix, 20 tokens, with the MLP",
+    "prefix": "prefix, 20 tokens, without the MLP", "soft-prompt": "soft prompt, 20 tokens",
 }
 
 
@@ -85,6 +105,10 @@ def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
         out += [{"id": run_id(task, "fp32", name, s), "task": task, "group": "fp32", "name": name,
                  "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": None, "autocast": None}
                 for s in seeds[:2]]
+    for name in ("full", "lora-qv"):
+        out += [{"id": run_id(task, "longer", name, s), "task": task, "group": "longer", "name": name,
+                 "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": LONGER_EPOCHS,
+                 "autocast": AUTOCAST} for s in seeds[:1]]
     task = "smollm2-restaurants"
     out.append({"id": run_id(task, "final", "untuned", 0), "task": task, "group": "final", "name": "untuned",
                 "spec": UNTUNED, "lr": 0.0, "seed": 0, "epochs": None, "autocast": None})

@@ -77,6 +77,12 @@ def gap(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str, n_resamples:
     return diff, scale * math.sqrt(test**2 + seeds)
 
 
+def indistinguishable(gap: tuple[float, float]) -> bool:
+    """Whether a difference (points, standard error) from `gap` is within two standard errors of 0."""
+    d, se = gap
+    return abs(d) < 2 * se
+
+
 def late_gain(record: dict[str, Any], last: int = 2) -> float | None:
     """How much the last `last` evaluations improved the best validation metric (points for accuracy,
     nats for loss; > 0 = still improving): the plateau check of a run that stopped at its cap."""
@@ -139,7 +145,7 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], ord
             row.append("")
         else:
             d, se = s["gap"]
-            row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if abs(d) < 2 * se else ""))
+            row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if indistinguishable(s["gap"]) else ""))
         row.append(_fmt(s["end"], digits))
         row += [", ".join("—" if step is None else str(step) for step in s["steps_to_best"]), ", ".join(s["stopped"]),
                 "" if s["late_gain"] is None else f"{s['late_gain']:+.2f}",
@@ -187,7 +193,8 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         order = list(dict.fromkeys(e["name"] for e in planned))
         for group, title in (("final", "Converged runs (bf16 autocast in training where the device has native "
                                        "bf16 kernels; test in fp32)"),
-                             ("fp32", "The same runs without autocast (fp32 throughout)")):
+                             ("fp32", "The same runs without autocast (fp32 throughout)"),
+                             ("longer", "The same runs with twice the cap (6 epochs): the plateau check")):
             rs = [r for r in mine if r["config"]["group"] == group]
             if rs:
                 out += [f"### {title}\n", *_final_table(rs, keys, order), ""]
@@ -216,7 +223,7 @@ def provenance(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def runs(task: str, group: str = "final", folder: Path | None = None) -> list[dict[str, Any]]:
-    """The committed runs of `task` in `group` ("final", "fp32" or "sweep"): what notebooks read, in
+    """The committed runs of `task` in `group` ("final", "fp32", "longer" or "sweep"): what notebooks read, in
     fast mode too (the study's fast mode writes elsewhere)."""
     return [r for r in load_all(folder or repo_root() / "results")
             if r["config"]["task"] == task and r["config"]["group"] == group]

@@ -82,12 +82,12 @@ def learning_curves(methods: Sequence[str] = (), folder: Path | None = None) -> 
 
 def _draw(s):
     fig, ax = plots.figure(width=8, height=4)
-    colors = {}
+    seen = set()
     for line in s["lines"]:
-        first = line["method"] not in colors
-        colors.setdefault(line["method"], f"C{len(colors) % 10}")
+        first = line["method"] not in seen
+        seen.add(line["method"])
         seeds = sum(other["method"] == line["method"] for other in s["lines"])
-        ax.plot(line["x"], line["y"], color=colors[line["method"]], lw=1, alpha=0.8, gid=line["run"],
+        ax.plot(line["x"], line["y"], color=plots.method_color(line["method"]), lw=1, alpha=0.8, gid=line["run"],
                 label=f"{line['method']} ({seeds} seed{'s' * (seeds > 1)})" if first else None)
     ax.set_xlabel(s["xlabel"])
     ax.set_ylabel(s["ylabel"])
