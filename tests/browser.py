@@ -2,7 +2,8 @@
 
 `offline_page(folder)` yields `(base, page, seen)`: every request outside `base` is aborted and
 listed in `seen["outside"]`, every request in `seen["requests"]`, responses >= 400 in
-`seen["broken"]` and script errors in `seen["errors"]`.
+`seen["broken"]`, script errors in `seen["errors"]` and console errors in `seen["console"]`.
+`local_page(base)` is the same browser on a server of one's own (JupyterLab, for the widget tests).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def offline_page(folder):
+def local_page(base: str, **context_options):
+    """Headless Chromium with one page that may load only from `base` (a loopback server already
+    running); yields `(page, seen)`, `seen` as in the module docstring. `context_options` go to
+    `browser.new_context` (e.g. `viewport`)."""
     from playwright.sync_api import sync_playwright
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
-    seen: dict[str, list[str]] = {"requests": [], "outside": [], "broken": [], "errors": []}
+    seen: dict[str, list[str]] = {"requests": [], "outside": [], "broken": [], "errors": [], "console": []}
 
     def only_local(route):
         if route.request.url.startswith(base):
@@ -44,17 +45,29 @@ def offline_page(folder):
             seen["outside"].append(route.request.url)
             route.abort()
 
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            context = browser.new_context()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            context = browser.new_context(**context_options)
             context.route("**/*", only_local)
             page = context.new_page()
             page.on("request", lambda r: seen["requests"].append(r.url))
             page.on("response", lambda r: r.status >= 400 and seen["broken"].append(f"{r.status} {r.url}"))
             page.on("pageerror", lambda e: seen["errors"].append(str(e)))
-            yield base, page, seen
+            page.on("console", lambda m: m.type == "error" and seen["console"].append(f"{m.text} ({m.location})"))
+            yield page, seen
+        finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def offline_page(folder):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with local_page(base) as (page, seen):
+            yield base, page, seen
     finally:
         server.shutdown()
         server.server_close()

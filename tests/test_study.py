@@ -49,6 +49,9 @@ def test_experiments_are_unique_and_every_final_run_follows_its_sweep():
     assert {e["name"] for e in exps} <= set(experiments.LABELS)
     longer = [e for e in exps if e["group"] == "longer"]
     assert longer and all(e["epochs"] == 2 * protocol.TweetTask.max_epochs for e in longer)
+    rank = [e for e in exps if e["group"] == "rank"]  # LoRA's rank with alpha fixed and alpha = 2r, at LoRA's rate
+    assert {(e["spec"]["r"], e["spec"]["alpha"]) for e in rank} == {(r, a) for r in (1, 4, 16, 64) for a in (16, 2 * r)}
+    assert all(experiments.sweep_of(e, exps) == experiments.sweep_of({**e, "name": "lora-qv"}, exps) for e in rank)
 
 
 @pytest.mark.parametrize("name", list(experiments.TWEET_METHODS))
@@ -163,7 +166,8 @@ def test_a_final_run_waits_for_its_sweep(tmp_path):
 
 def test_select_by_glob_substring_and_seed():
     exps = experiments.experiments()
-    assert {e["name"] for e in runner.select(exps, "lora-qv", None)} == {"lora-qv"}
+    assert {e["name"] for e in runner.select(exps, "lora-qv", None)} == {"lora-qv"} | set(experiments.RANK_SWEEP)
+    assert {e["group"] for e in runner.select(exps, "final/lora-qv", None)} == {"final"}
     only = runner.select(exps, "smollm2-restaurants/final/*_s0", None)
     assert only and all(e["seed"] == 0 and e["task"] == "smollm2-restaurants" for e in only)
     seeds = runner.select(exps, None, (1,))

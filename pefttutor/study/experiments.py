@@ -12,6 +12,9 @@ Per task and method, in this order:
   for autocast as the study's default.
 * `longer`: LoRA and full finetuning again with twice the cap (6 epochs; the cosine schedule
   stretched to it), seed 0: the plateau check for runs that stopped at the cap.
+* `rank`: LoRA on Wq, Wv at other ranks, with alpha fixed at 16 (the scale alpha/r then runs from
+  16 to 0.25, so rank is confounded with step size) and with alpha = 2r (the scale stays 2, as at
+  r = 8), at LoRA's swept rate, seed 0.
 SmolLM2 runs use the learning rates of the method notebooks (no sweep: a run costs 10-60 minutes
 on a laptop CPU), seed 0 first; DoRA, QLoRA and LoRA on every block linear (QLoRA's 32-bit
 counterpart) take LoRA's rate, IA3 its paper's 3e-3.
@@ -67,6 +70,10 @@ RESTAURANT_LR_SOURCE = {
     "dora": "LoRA's", "ia3": "the IA3 paper's", "lora-all": "LoRA's", "qlora": "LoRA's",
 }
 
+# the `rank` group: name -> LoRA on Wq, Wv with that rank and alpha
+RANK_SWEEP = {f"lora-qv-r{r}-alpha{alpha}": {**TWEET_METHODS["lora-qv"][0], "r": r, "alpha": alpha}
+              for r in (1, 4, 16, 64) for alpha in (16, 2 * r)}
+
 # name -> how tables and figures name the method
 LABELS = {
     "full": "full finetuning", "head": "head only", "features": "frozen features + logistic regression",
@@ -76,6 +83,7 @@ LABELS = {
     "houlsby": "Houlsby adapters m=32", "pfeiffer": "Pfeiffer adapters m=32", "parallel": "parallel adapters m=32",
     "llama-adapter": "LLaMA-Adapter, 10 tokens", "prefix-mlp": "prefix, 20 tokens, with the MLP",
     "prefix": "prefix, 20 tokens, without the MLP", "soft-prompt": "soft prompt, 20 tokens",
+    **{name: f"LoRA r={spec['r']}, alpha={spec['alpha']} on Wq, Wv" for name, spec in RANK_SWEEP.items()},
 }
 
 
@@ -109,6 +117,9 @@ def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
         out += [{"id": run_id(task, "longer", name, s), "task": task, "group": "longer", "name": name,
                  "spec": TWEET_METHODS[name][0], "lr": "sweep", "seed": s, "epochs": LONGER_EPOCHS,
                  "autocast": AUTOCAST} for s in seeds[:1]]
+    out += [{"id": run_id(task, "rank", name, 0), "task": task, "group": "rank", "name": name, "spec": spec,
+             "sweep": "lora-qv", "lr": "sweep", "seed": 0, "epochs": None, "autocast": AUTOCAST}
+            for name, spec in RANK_SWEEP.items()]
     task = "smollm2-restaurants"
     out.append({"id": run_id(task, "final", "untuned", 0), "task": task, "group": "final", "name": "untuned",
                 "spec": UNTUNED, "lr": 0.0, "seed": 0, "epochs": None, "autocast": None})
@@ -120,5 +131,6 @@ def experiments(seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
 
 
 def sweep_of(exp: dict[str, Any], all_experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sweep runs whose best learning rate a final run uses."""
-    return [e for e in all_experiments if e["task"] == exp["task"] and e["group"] == "sweep" and e["name"] == exp["name"]]
+    """The sweep runs whose best learning rate a run uses: its method's, or the one its "sweep" names."""
+    name = exp.get("sweep", exp["name"])
+    return [e for e in all_experiments if e["task"] == exp["task"] and e["group"] == "sweep" and e["name"] == name]

@@ -194,7 +194,8 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         for group, title in (("final", "Converged runs (bf16 autocast in training where the device has native "
                                        "bf16 kernels; test in fp32)"),
                              ("fp32", "The same runs without autocast (fp32 throughout)"),
-                             ("longer", "The same runs with twice the cap (6 epochs): the plateau check")):
+                             ("longer", "The same runs with twice the cap (6 epochs): the plateau check"),
+                             ("rank", "LoRA on Wq, Wv at other ranks, alpha fixed at 16 or alpha = 2r (seed 0)")):
             rs = [r for r in mine if r["config"]["group"] == group]
             if rs:
                 out += [f"### {title}\n", *_final_table(rs, keys, order), ""]
@@ -223,7 +224,7 @@ def provenance(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def runs(task: str, group: str = "final", folder: Path | None = None) -> list[dict[str, Any]]:
-    """The committed runs of `task` in `group` ("final", "fp32", "longer" or "sweep"): what notebooks read, in
+    """The committed runs of `task` in `group` ("final", "fp32", "longer", "rank" or "sweep"): what notebooks read, in
     fast mode too (the study's fast mode writes elsewhere)."""
     return [r for r in load_all(folder or repo_root() / "results")
             if r["config"]["task"] == task and r["config"]["group"] == group]
