@@ -39,9 +39,9 @@ _HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t#]*$")
 _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")
 _CHAPTER = re.compile(r"^\d+\s*·\s*")  # "05 · LoRA" -> "LoRA": the post has no chapter numbers
 # What only makes sense beside a running notebook: how to run it fast, which test runs which cell,
-# the interactive widgets.
+# the interactive widgets, the notebook's objectives / prerequisites / time.
 _DROP_PARAGRAPH = (re.compile(r"PEFTTUTOR_FAST"), re.compile(r"`tests/test_\w+\.py`"),
-                   re.compile(r"\bwidget\b"))
+                   re.compile(r"\bwidget\b"), re.compile(r"^\*\*Objectives\*\*"))
 _DROP_SENTENCE = (re.compile(r"PEFTTUTOR_\w+"), re.compile(r"\blive notebook\b"))
 _DROP_ASIDE = re.compile(r"[ \t]*\([^()]*\bfast mode\b[^()]*\)")  # "(fast mode is far too short ...)"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(*`$])")

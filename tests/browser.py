@@ -32,8 +32,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def local_page(base: str, **context_options):
     """Headless Chromium with one page that may load only from `base` (a loopback server already
-    running); yields `(page, seen)`, `seen` as in the module docstring. `context_options` go to
-    `browser.new_context` (e.g. `viewport`)."""
+    running); yields `(page, seen)`, `seen` as in the module docstring, for this page and any other
+    opened with `page.context.new_page()`. `context_options` go to `browser.new_context` (e.g. `viewport`)."""
     from playwright.sync_api import sync_playwright
 
     seen: dict[str, list[str]] = {"requests": [], "outside": [], "broken": [], "errors": [], "console": []}
@@ -45,17 +45,19 @@ def local_page(base: str, **context_options):
             seen["outside"].append(route.request.url)
             route.abort()
 
+    def watch(page):
+        page.on("request", lambda r: seen["requests"].append(r.url))
+        page.on("response", lambda r: r.status >= 400 and seen["broken"].append(f"{r.status} {r.url}"))
+        page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+        page.on("console", lambda m: m.type == "error" and seen["console"].append(f"{m.text} ({m.location})"))
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             context = browser.new_context(**context_options)
             context.route("**/*", only_local)
-            page = context.new_page()
-            page.on("request", lambda r: seen["requests"].append(r.url))
-            page.on("response", lambda r: r.status >= 400 and seen["broken"].append(f"{r.status} {r.url}"))
-            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
-            page.on("console", lambda m: m.type == "error" and seen["console"].append(f"{m.text} ({m.location})"))
-            yield page, seen
+            context.on("page", watch)  # this page and any other opened in its context
+            yield context.new_page(), seen
         finally:
             browser.close()
 

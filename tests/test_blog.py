@@ -111,7 +111,7 @@ def test_every_figure_is_referenced_and_in_the_bundle(bundle):
 def test_no_code_no_exercises_no_notebook_boilerplate(bundle):
     _, _, body = bundle
     for text in (".check(", "Exercise 1", "Exercises", "ex.hint", "answer = ", "PEFTTUTOR_", "tests/test_",
-                 "widget", "live notebook", "fast mode", "import torch", "def ", "Traceback"):
+                 "widget", "live notebook", "fast mode", "**Objectives**", "import torch", "def ", "Traceback"):
         assert text not in body, text
     assert "Lester et al." in body and "Houlsby" in body  # the narrative is there ...
     assert "| --- |" in body  # ... and the small result tables

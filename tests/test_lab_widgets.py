@@ -174,10 +174,22 @@ def _wait_for_run(page, n_run: int, lab) -> None:
                     f"stderr / errors: {[e[-1500:] for e in errors]}\nserver log: {lab['log']()[-1500:]}")
 
 
-@contextlib.contextmanager
-def _opened(lab, notebook: str):
-    """The notebook open in the lab, in a workspace of its own, its kernel idle and its outputs cleared."""
+@pytest.fixture(scope="module")
+def browser(lab):
+    """Headless Chromium that may load only from the lab: `(page, seen)` (tests/browser.py)."""
     with local_page(lab["base"], viewport=VIEWPORT) as (page, seen):
+        yield page, seen
+
+
+@contextlib.contextmanager
+def _opened(lab, browser, notebook: str):
+    """The notebook open in the lab in a page and workspace of its own, its kernel idle and its outputs
+    cleared; yields `(page, seen)`, `seen` emptied first."""
+    first, seen = browser
+    for found in seen.values():
+        found.clear()
+    page = first.context.new_page()
+    try:
         page.set_default_timeout(STEP_TIMEOUT_MS)
         page.goto(f"{lab['base']}lab/workspaces/{Path(notebook).stem}/tree/{notebook}?token={TOKEN}")
         page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=RUN_TIMEOUT_MS)
@@ -185,6 +197,8 @@ def _opened(lab, notebook: str):
         _menu(page, "Edit", "Clear Outputs of All Cells")
         page.wait_for_function(f"{_PROMPTS}.every(t => t === '[ ]:')", polling=250)
         yield page, seen
+    finally:
+        page.close()
 
 
 def _widget_cell(page, label: str):
@@ -227,10 +241,11 @@ def _expect(locator):
 
 
 class Picture:
-    """The widget's static picture (an <img> of a PNG data URL): each step must redraw it."""
+    """The widget's static picture (an <img> of a PNG data URL): each step must redraw it, and raise
+    no script error (`seen`, tests/browser.py)."""
 
-    def __init__(self, img):
-        self.img = img
+    def __init__(self, img, seen):
+        self.img, self.seen = img, seen
         self.src = self._loaded_src()
 
     def _loaded_src(self) -> str:
@@ -247,19 +262,20 @@ class Picture:
         except AssertionError as e:
             raise AssertionError(f"the picture was not redrawn after {what}") from e
         self.src = self._loaded_src()
+        _no_script_errors(self.seen, f"after {what}")
 
 
-def _no_script_errors(seen) -> None:
-    assert seen["errors"] == [], f"uncaught script errors: {seen['errors']}"
-    assert seen["console"] == [], f"console errors: {seen['console']}"
-    assert seen["outside"] == [], f"requests that would leave the machine: {seen['outside']}"
+def _no_script_errors(seen, when: str = "") -> None:
+    assert seen["errors"] == [], f"uncaught script errors {when}: {seen['errors']}"
+    assert seen["console"] == [], f"console errors {when}: {seen['console']}"
+    assert seen["outside"] == [], f"requests that would leave the machine {when}: {seen['outside']}"
 
 
 def _screenshot(cell, name: str) -> Path:
+    """The widget's outputs (controls, text, picture) as build/test-artifacts/lab-widgets/<name>.png."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    cell.scroll_into_view_if_needed()
-    cell.screenshot(path=str(path))
+    cell.locator(".jp-OutputArea").screenshot(path=str(path))
     assert path.stat().st_size > 10_000, path
     return path
 
@@ -272,10 +288,10 @@ def _code_cells(lab, notebook: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def conclusion(lab):
+def conclusion(lab, browser):
     """Notebook 06 run top to bottom in the kernel it opened with (Run > Run All Cells)."""
     notebook = "06_conclusion.ipynb"
-    with _opened(lab, notebook) as (page, seen):
+    with _opened(lab, browser, notebook) as (page, seen):
         _menu(page, "Run", "Run All Cells")
         _wait_for_run(page, len(_code_cells(lab, notebook)), lab)
         _expect(page.locator(".jp-Notebook .jp-CodeCell").first.locator(".jp-OutputArea")).to_contain_text("mode: fast")
@@ -300,7 +316,7 @@ def test_06_calculator_panel_follows_its_controls_in_jupyterlab(conclusion):
     page, seen = conclusion
     cell = _widget_cell(page, "model")
     text = cell.locator(".jp-RenderedHTML").filter(has=page.locator("table"))
-    picture = Picture(cell.locator(".jp-RenderedImage img"))
+    picture = Picture(cell.locator(".jp-RenderedImage img"), seen)
 
     def shows(heading, cells):
         _expect(text).to_contain_text(heading)
@@ -361,7 +377,7 @@ def test_06_learning_curves_follow_their_controls_in_jupyterlab(conclusion, lab)
     page, seen = conclusion
     cell = _widget_cell(page, "task")
     caption = cell.locator(".jp-RenderedHTML").filter(has_text="from results/")
-    picture = Picture(cell.locator(".jp-RenderedImage img"))
+    picture = Picture(cell.locator(".jp-RenderedImage img"), seen)
     task = _control(cell, "widget-dropdown", "task").locator("select")
     methods = _control(cell, "widget-select-multiple", "methods").locator("select")
     tasks = list(dict.fromkeys(e["task"] for e in experiments.experiments() if e["group"] == "final"))
@@ -421,7 +437,7 @@ def _svd_text(name: str, r: int, rep: dict) -> str:
             f"energy kept {rep['energy']:.1%}, relative error {rep['error']:.3f}")
 
 
-def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab):
+def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, browser):
     notebook = "05_lora.ipynb"
     sources = _code_cells(lab, notebook)
     widget_at = next(i for i, s in enumerate(sources) if "svd_explorer(" in s or 'description="matrix"' in s)
@@ -442,14 +458,14 @@ def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab):
     exec(compile(report_cell, f"{notebook}:low_rank_report", "exec"), ns)
     w0, low_rank_report = ns["W0"], ns["low_rank_report"]
 
-    with _opened(lab, notebook) as (page, seen):
+    with _opened(lab, browser, notebook) as (page, seen):
         # Run > Run All Above Selected Cell, on the cell below the widget's: the notebook up to its widget
         page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
         _menu(page, "Run", "Run All Above Selected Cell")
         _wait_for_run(page, widget_at + 1, lab)
         cell = _widget_cell(page, "matrix")
         info = cell.locator(".widget-html-content, .jp-RenderedHTML").filter(has_text="relative error")
-        picture = Picture(cell.locator(".jp-OutputArea img"))
+        picture = Picture(cell.locator(".jp-OutputArea img"), seen)
         matrix = _control(cell, "widget-dropdown", "matrix").locator("select")
         slider = _control(cell, "widget-slider", "r")
 
