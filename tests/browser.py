@@ -33,7 +33,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def local_page(base: str, **context_options):
     """Headless Chromium with one page that may load only from `base` (a loopback server already
     running); yields `(page, seen)`, `seen` as in the module docstring, for this page and any other
-    opened with `page.context.new_page()`. `context_options` go to `browser.new_context` (e.g. `viewport`)."""
+    opened with `page.context.new_page()`. `context_options` go to `browser.new_context` (e.g. `viewport`).
+    Every request waits for the route below, which Playwright's sync API runs only while one of its
+    calls waits: wait with `page.wait_for_*` or `expect`, never `time.sleep`, while a page loads."""
     from playwright.sync_api import sync_playwright
 
     seen: dict[str, list[str]] = {"requests": [], "outside": [], "broken": [], "errors": [], "console": []}

@@ -1,12 +1,16 @@
 """The notebooks' widgets in a real JupyterLab, driven in headless Chromium as a reader would.
 
 A JupyterLab server (this venv's, its `python3` kernel, fast mode) serves a temporary copy of
-notebooks/. Each test opens a notebook, clears its outputs, runs it from a fresh kernel through
-the Run or Kernel menu, then moves the widget's controls (picks dropdown options, types into a
-slider's readout, presses arrow keys on a slider's handle, clicks toggle buttons) and checks that
-the rendered text shows the numbers the package's own functions give (computed here), that the
-static picture is redrawn, and that no script error was raised. One screenshot per widget goes
-to build/test-artifacts/lab-widgets/.
+notebooks/. Each test opens a notebook, clears its outputs, runs it in the kernel it just started
+(Run > Run All Cells; for 05, Run All Above Selected Cell, up to its widget), then moves the
+widget's controls (picks dropdown options, types into a slider's readout, presses keys on a
+slider's handle, clicks toggle buttons) and checks that the rendered text shows the numbers the
+package's own functions give (computed here), that the static picture is redrawn after every
+move, and that no script error was raised and no request left the lab. One screenshot per widget
+goes to build/test-artifacts/lab-widgets/.
+
+(Not "Restart Kernel and Run All Cells": restarting a kernel that has just started can make
+JupyterLab itself reject a pending kernel_info request, an uncaught error that is no widget's.)
 """
 
 from __future__ import annotations
@@ -163,29 +167,59 @@ _STATUS = "document.querySelector('.jp-Notebook-ExecutionIndicator')?.dataset.st
 def _wait_for_run(page, n_run: int, lab) -> None:
     """Wait until the kernel has run and is idle: nothing queued, the first cell numbered. Then the
     first `n_run` code cells must carry 1, 2, ... (a fresh kernel, top to bottom) and the rest none."""
-    page.wait_for_function(f"""() => {{ const p = {_PROMPTS};
-        return p.length > 0 && p[0] === '[1]:' && !p.some(t => t.includes('*')) && {_STATUS} === 'idle'; }}""",
-                           timeout=RUN_TIMEOUT_MS, polling=500)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"""() => {{ const p = {_PROMPTS};
+            return p.length > 0 && p[0] === '[1]:' && !p.some(t => t.includes('*')) && {_STATUS} === 'idle'; }}""",
+                               timeout=RUN_TIMEOUT_MS, polling=500)
+    except PlaywrightTimeout:
+        dialogs = page.locator(".jp-Dialog").all_inner_texts()
+        pytest.fail(f"the notebook did not finish within {RUN_TIMEOUT_MS / 1000:.0f} s: "
+                    f"prompts {page.evaluate(_PROMPTS)}, "
+                    f"kernel {page.evaluate(_STATUS)}, dialogs {dialogs}\nserver log: {lab['log']()[-1500:]}")
     prompts = page.evaluate(_PROMPTS)
     expected = [f"[{i + 1}]:" for i in range(n_run)] + ["[ ]:"] * (len(prompts) - n_run)
     if prompts != expected:
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_text_contents()
+        stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"  # errors too
+        errors = page.locator(stderr).all_text_contents()
         pytest.fail(f"the notebook did not run through in the lab: prompts {prompts}\n"
                     f"stderr / errors: {[e[-1500:] for e in errors]}\nserver log: {lab['log']()[-1500:]}")
 
 
+def _wait_for_kernel(page, lab, notebook: str) -> None:
+    """Wait until the notebook's kernel is this venv's python3 (its display name in the toolbar and the
+    status bar, its name on the server), started and idle.
+
+    (Waits here are Playwright's, never time.sleep: the page's requests pass through the route of
+    tests/browser.py, which Playwright's sync API serves only while a call of it is waiting.)"""
+    _expect(page.locator(".jp-NotebookPanel-toolbar [data-jp-item-name='kernelName']")).to_have_text(
+        "Python 3 (ipykernel)", timeout=RUN_TIMEOUT_MS)
+    _expect(page.locator("#jp-main-statusbar").get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(
+        timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function(f"{_STATUS} === 'idle'", timeout=RUN_TIMEOUT_MS, polling=250)
+    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+    while True:
+        sessions = json.loads(_get(f"{lab['base']}api/sessions?token={TOKEN}"))
+        if any(notebook in (s["path"], s["name"]) and (s["kernel"]["name"], s["kernel"]["execution_state"])
+               == ("python3", "idle") for s in sessions):  # (the path is a UUID while the kernel starts)
+            return
+        assert time.monotonic() < deadline, f"no idle python3 kernel for {notebook} on the server: {sessions}"
+        page.wait_for_timeout(250)
+
+
 @pytest.fixture(scope="module")
-def browser(lab):
+def lab_browser(lab):
     """Headless Chromium that may load only from the lab: `(page, seen)` (tests/browser.py)."""
     with local_page(lab["base"], viewport=VIEWPORT) as (page, seen):
         yield page, seen
 
 
 @contextlib.contextmanager
-def _opened(lab, browser, notebook: str):
+def _opened(lab, lab_browser, notebook: str):
     """The notebook open in the lab in a page and workspace of its own, its kernel idle and its outputs
     cleared; yields `(page, seen)`, `seen` emptied first."""
-    first, seen = browser
+    first, seen = lab_browser
     for found in seen.values():
         found.clear()
     page = first.context.new_page()
@@ -193,7 +227,7 @@ def _opened(lab, browser, notebook: str):
         page.set_default_timeout(STEP_TIMEOUT_MS)
         page.goto(f"{lab['base']}lab/workspaces/{Path(notebook).stem}/tree/{notebook}?token={TOKEN}")
         page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=RUN_TIMEOUT_MS)
-        page.wait_for_function(f"{_STATUS} === 'idle'", timeout=RUN_TIMEOUT_MS, polling=250)  # kernel started
+        _wait_for_kernel(page, lab, notebook)
         _menu(page, "Edit", "Clear Outputs of All Cells")
         page.wait_for_function(f"{_PROMPTS}.every(t => t === '[ ]:')", polling=250)
         yield page, seen
@@ -203,8 +237,9 @@ def _opened(lab, browser, notebook: str):
 
 def _widget_cell(page, label: str):
     """The one cell whose output shows a widget control labelled `label`."""
+    labelled = re.compile(f"^{re.escape(label)}$")
     cell = page.locator(".jp-Notebook .jp-CodeCell").filter(
-        has=page.locator(".jp-OutputArea .jupyter-widgets label.widget-label", has_text=re.compile(f"^{re.escape(label)}$")))
+        has=page.locator(".jp-OutputArea .jupyter-widgets label.widget-label", has_text=labelled))
     cell.first.wait_for()
     assert cell.count() == 1, f"{cell.count()} cells show a widget labelled {label!r}"
     return cell
@@ -288,10 +323,10 @@ def _code_cells(lab, notebook: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def conclusion(lab, browser):
+def conclusion(lab, lab_browser):
     """Notebook 06 run top to bottom in the kernel it opened with (Run > Run All Cells)."""
     notebook = "06_conclusion.ipynb"
-    with _opened(lab, browser, notebook) as (page, seen):
+    with _opened(lab, lab_browser, notebook) as (page, seen):
         _menu(page, "Run", "Run All Cells")
         _wait_for_run(page, len(_code_cells(lab, notebook)), lab)
         _expect(page.locator(".jp-Notebook .jp-CodeCell").first.locator(".jp-OutputArea")).to_contain_text("mode: fast")
@@ -389,17 +424,24 @@ def test_06_learning_curves_follow_their_controls_in_jupyterlab(conclusion, lab)
         _expect(methods).to_have_values(chosen)
         _expect(caption).to_contain_text(_caption(task_name, sum(by_task[task_name][m] for m in chosen)))
 
+    def selected():
+        return methods.evaluate("s => [...s.selectedOptions].map(o => o.value)")
+
     first = list(by_task)[0]
-    chosen = methods.evaluate("s => [...s.selectedOptions].map(o => o.value)")  # what the notebook asked for
+    chosen = selected()  # what the notebook asked for
     assert chosen and set(chosen) <= set(by_task[first]), chosen
     shows(first, chosen)
 
     other = list(by_task)[1]
-    task.select_option(other)  # the task's own methods, still-valid choices kept, else the notebook's or the first few
+    task.select_option(other)  # its own methods: still valid choices kept, else the notebook's or the first few
     still = [m for m in chosen if m in by_task[other]]
-    shown = methods.evaluate("s => [...s.selectedOptions].map(o => o.value)")
-    assert shown == (still or shown) and shown, shown
-    shows(other, shown)
+    _expect(methods.locator("option")).to_have_text(list(by_task[other]))
+    if still:
+        shows(other, still)
+    else:  # what the notebook asked for that the task has, else its first few
+        _expect(caption).to_contain_text(f"{other}: ")  # redrawn: the selection is final
+        assert selected(), "no method selected"
+        shows(other, selected())
     picture.redrawn(f"choosing {other}")
 
     pick = list(by_task[other])[:2]
@@ -421,8 +463,10 @@ def test_06_learning_curves_follow_their_controls_in_jupyterlab(conclusion, lab)
 
     task.select_option(first)
     kept = [m for m in pick if m in by_task[first]]
-    if kept:
-        shows(first, kept)
+    _expect(methods.locator("option")).to_have_text(list(by_task[first]))
+    if not kept:
+        _expect(caption).to_contain_text(f"{first}: ")
+    shows(first, kept or selected())
     picture.redrawn(f"choosing {first} again")
 
     _screenshot(cell, "06_conclusion-learning_curves")
@@ -437,7 +481,7 @@ def _svd_text(name: str, r: int, rep: dict) -> str:
             f"energy kept {rep['energy']:.1%}, relative error {rep['error']:.3f}")
 
 
-def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, browser):
+def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, lab_browser):
     notebook = "05_lora.ipynb"
     sources = _code_cells(lab, notebook)
     widget_at = next(i for i, s in enumerate(sources) if "svd_explorer(" in s or 'description="matrix"' in s)
@@ -458,7 +502,7 @@ def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, browser):
     exec(compile(report_cell, f"{notebook}:low_rank_report", "exec"), ns)
     w0, low_rank_report = ns["W0"], ns["low_rank_report"]
 
-    with _opened(lab, browser, notebook) as (page, seen):
+    with _opened(lab, lab_browser, notebook) as (page, seen):
         # Run > Run All Above Selected Cell, on the cell below the widget's: the notebook up to its widget
         page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
         _menu(page, "Run", "Run All Above Selected Cell")

@@ -32,8 +32,11 @@ def set_options(control: ipywidgets.Widget, options: Sequence, fallback: Sequenc
     multiple = isinstance(control, ipywidgets.SelectMultiple)
     chosen = control.value if multiple else (control.value,)
     keep = [v for v in chosen if v in options] or [v for v in fallback if v in options] or options[:1]
-    control.options = options
-    control.value = tuple(keep) if multiple else keep[0]
+    # one message to the browser: options and value apart, the page would first select positions
+    # of the old options that the new ones lack ("Cannot set properties of undefined")
+    with control.hold_sync():
+        control.options = options
+        control.value = tuple(keep) if multiple else keep[0]
 
 
 class Panel:
