@@ -95,6 +95,27 @@ def load_tweets(split: str, limit: int | None = None) -> list[dict[str, Any]]:
     return rows if limit is None else stratified_subset(rows, limit)
 
 
+# The #DeflateGate sub-corpus (about a quarter of every split): its tweets, by the words they use.
+DEFLATEGATE = re.compile(r"deflategate|spygate|belichick|brady|patriots|goodell|\bnfl\b", re.IGNORECASE)
+
+
+def load_hand_check() -> list[dict[str, Any]]:
+    """90 test tweets (30 per corpus label, drawn with `random.Random(20261203)`) labelled again by one
+    reader who did not see the corpus label (`data/tweets/hand_check.csv`, see data/README.md), as
+    `[{"test_index": int, "text": str, "label": int, "hand_label": int}, ...]`; `label` is the corpus's.
+    Raises if a row no longer matches the test split."""
+    test = load_tweets("test")
+    rows = []
+    with (data_dir() / "tweets" / "hand_check.csv").open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            i = int(r["test_index"])
+            if i >= len(test) or test[i]["text"] != r["text"]:
+                raise ValueError(f"hand_check.csv row {i} does not match the test split: rebuild one of them")
+            rows.append({"test_index": i, "text": r["text"], "label": test[i]["label"],
+                         "hand_label": LABEL2ID[r["hand_label"]]})
+    return rows
+
+
 def load_restaurants(split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Restaurant MRs of one split as `[{"mr": str, "refs": [str, ...]}, ...]` (first `limit` rows)."""
     _check_split(split)

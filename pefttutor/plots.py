@@ -47,6 +47,8 @@ METHOD_COLORS = {
     "qlora": "#393b79", "ia3": "#9467bd",
     "houlsby": "#2ca02c", "pfeiffer": "#98df8a", "parallel": "#637939", "llama-adapter": "#8c564b",
     "prefix": "#d62728", "prefix-mlp": "#ff9896", "soft-prompt": "#ff7f0e",
+    # not in the study, drawn in notebooks 01 and 02: the last block + head finetuned, in-context learning
+    "last-block": "#e377c2", "icl": "#7b4173",
 }
 
 

@@ -414,3 +414,38 @@ def test_length_grouped_order_is_a_shuffled_permutation_with_less_padding():
     plain = list(range(1000))
     random.Random(0).shuffle(plain)
     assert padded(order) < 0.8 * padded(plain)
+
+
+def test_the_hand_check_is_a_stratified_sample_of_the_test_split_with_valid_labels():
+    import random
+    from collections import Counter
+
+    rows = D.load_hand_check()
+    test = D.load_tweets("test")
+    assert len(rows) == 90 and len({r["test_index"] for r in rows}) == 90
+    assert Counter(r["label"] for r in rows) == {0: 30, 1: 30, 2: 30}
+    assert all(test[r["test_index"]]["text"] == r["text"] for r in rows)
+    assert all(r["hand_label"] in range(len(D.LABELS)) for r in rows)
+    rng = random.Random(20261203)  # the documented draw
+    drawn = sorted(i for lab in range(3) for i in rng.sample([i for i, ex in enumerate(test) if ex["label"] == lab], 30))
+    assert drawn == [r["test_index"] for r in rows]
+
+
+def test_a_hand_check_that_no_longer_matches_the_test_split_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(D.data_dir(), tmp_path / "data")
+    path = tmp_path / "data" / "tweets" / "hand_check.csv"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[1] = lines[1].replace("super great", "super bad")
+    path.write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setattr(D, "data_dir", lambda: tmp_path / "data")
+    with pytest.raises(ValueError, match="does not match the test split"):
+        D.load_hand_check()
+
+
+def test_deflategate_marks_a_quarter_of_the_tweets():
+    train = D.load_tweets("train")
+    share = sum(bool(D.DEFLATEGATE.search(ex["text"])) for ex in train) / len(train)
+    assert 0.2 < share < 0.3
+    assert D.DEFLATEGATE.search("Brady and the balls #DeflateGate") and not D.DEFLATEGATE.search("my flight was late")

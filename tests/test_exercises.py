@@ -4,6 +4,7 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 
 from pefttutor.exercises import Exercise, close_to, exact_count
 from tiny_models import ByteTokenizer, reversed_demos_exercise, tiny_llama, two_lora_adapters
@@ -174,6 +175,7 @@ def every_exercise():
         "lora.smollm2_params": (lora.smollm2_params(), count),
         "lora.forward": (lora.forward(), function),
         "lora.merge": (lora.merge(), function),
+        "lora.update_overlap": (lora.update_overlap(*trained_lora_pair()), number),
         "llama_adapter.llama7b_params": (llama_adapter.llama7b_params(), count),
         "llama_adapter.smollm2_params": (llama_adapter.smollm2_params(), count),
         "llama_adapter.first_step": (llama_adapter.first_step(), name),
@@ -184,6 +186,36 @@ def every_exercise():
         "production.llama7b_ring": (production.llama7b_ring(), count),
         "production.smallest_svd_rank": (production.smallest_svd_rank(two_lora_adapters(), [1.0, 1.0]), count),
     }
+
+
+def trained_lora_pair():
+    """A stand-in for notebook 05's experiment: a "full finetuning" update dW of a 24 x 16 matrix and a LoRA
+    layer (r=3) whose update shares some of its directions."""
+    from pefttutor.methods.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 24), r=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(24, 3, generator=g))
+    dW = layer.scaling * layer.lora_B.weight.detach() @ layer.lora_A.weight.detach() + 0.5 * torch.randn(24, 16, generator=g)
+    return dW, layer
+
+
+def test_lora_update_overlap_experiment_right_and_wrong(capsys):
+    from pefttutor.exercises import lora
+
+    dW, layer = trained_lora_pair()
+    ex = lora.update_overlap(dW, layer)
+    dW_lora = (layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).detach().double()
+    U = torch.linalg.svd(dW_lora, full_matrices=False)[0][:, :3]  # the reader's way, computed independently
+    share = ((U.T @ dW.double()).norm() ** 2 / dW.double().norm() ** 2).item()
+    assert 3 / 24 < share < 1
+    assert ex.check(round(share, 3)) is True and "random" in capsys.readouterr().out
+    own = torch.linalg.svdvals(dW.double()) ** 2
+    assert ex.check((own[:3].sum() / own.sum()).item()) is False and "own top directions" in capsys.readouterr().out
+    assert ex.check(3 / 24) is False and "random subspace" in capsys.readouterr().out
+    assert ex.check(share + 0.01) is False
+    assert ex.check("0.5") is False and "expected a number, got str" in capsys.readouterr().out
 
 
 def test_every_exercise_is_in_the_wrong_type_test():

@@ -280,3 +280,40 @@ def test_notebooks_read_the_committed_runs_and_the_table_agrees_with_them(fast_m
 def test_indistinguishable_means_within_two_standard_errors():
     assert report.indistinguishable((-1.1, 0.6)) and report.indistinguishable((1.1, 0.6))
     assert not report.indistinguishable((-1.3, 0.6)) and not report.indistinguishable((1.3, 0.6))
+
+
+def test_format_gap_marks_what_is_within_noise():
+    assert report.format_gap((-1.1, 0.6)) == "-1.1 ± 0.6 ≈"
+    assert report.format_gap((1.3, 0.6), ", indistinguishable", unit=" points") == "+1.3 ± 0.6 points"
+    assert report.format_gap((0.2, 0.5), ", indistinguishable", unit=" points") == "+0.2 ± 0.5 points, indistinguishable"
+    assert report.format_gap(None) == "—" and report.format_gap(None, missing="") == ""
+
+
+def test_sweep_rows_and_best_rate_pick_the_rate_the_runner_picks(tmp_path):
+    accs = {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65}
+    grid = [{"id": f"t/sweep/m_lr{lr:.0e}_s0", "task": "t", "group": "sweep", "name": "m", "spec": {}, "lr": lr,
+             "seed": 0, "epochs": 1, "autocast": None} for lr in accs]
+    records = [_fake_record(e, accs[e["lr"]]) for e in grid]
+    for r in records:
+        r["best"]["step"] = 10
+    assert report.best_rate(records[::-1])["config"]["lr"] == 3e-3  # whatever the order
+    rows = report.sweep_rows(records[::-1], {"m": "method m"})
+    assert [row["rate"] for row in rows] == ["0.001", "0.003", "0.01"]
+    assert [row["chosen"] for row in rows] == ["", "yes", ""] and {row["method"] for row in rows} == {"method m"}
+    assert [row["best validation accuracy"] for row in rows] == [0.6, 0.7, 0.65]
+    final = {"id": "t/final/m_s0", "task": "t", "group": "final", "name": "m", "spec": {}, "lr": "sweep", "seed": 0,
+             "epochs": None, "autocast": None}
+    for r in records:
+        runner.write(r, tmp_path)
+    assert runner.resolve(final, grid + [final], tmp_path)["lr"] == 3e-3
+
+
+def test_quality_rows_show_the_summary_with_its_verdict(fast_mode):
+    rows = report.summary(report.runs("minilm-tweets"), "accuracy", ["full", "lora-qv", "head"])
+    shown = {q["method"]: q for q in report.quality_rows(rows, "accuracy", 3, experiments.LABELS)}
+    by_name = {r["method"]: r for r in rows}
+    lora = shown[experiments.LABELS["lora-qv"]]
+    assert lora["test accuracy"] == f"{by_name['lora-qv']['mean']:.3f} ± {by_name['lora-qv']['std']:.3f}"
+    assert lora["Δ vs full (points)"] == report.format_gap(by_name["lora-qv"]["gap"], ", indistinguishable")
+    assert shown[experiments.LABELS["full"]]["Δ vs full (points)"] == "—"
+    assert "indistinguishable" not in shown[experiments.LABELS["head"]]["Δ vs full (points)"]  # 9 points below

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pefttutor import calculator as calc
+from pefttutor.study import report
 
 from . import STR, Exercise, exact_count, expects
 
@@ -20,9 +21,9 @@ llama_adapter_7b = Exercise(
 def smallest_close_to_full(rows: Sequence[Mapping[str, Any]]) -> Exercise:
     """`rows`: the study's summary of a task (`report.summary`): per method its "gap" to full
     finetuning (points, standard error) and its "file_bytes". The answer: the smallest file among the
-    methods not worse than full finetuning beyond noise (gap >= -2 standard errors)."""
+    methods not worse than full finetuning beyond noise: above it, or indistinguishable (the study's rule)."""
     close = {r["method"]: r["file_bytes"] for r in rows
-             if r["method"] == "full" or (r["gap"] is not None and r["gap"][0] >= -2 * r["gap"][1])}
+             if r["method"] == "full" or (r["gap"] is not None and (r["gap"][0] > 0 or report.indistinguishable(r["gap"])))}
     best = min(close, key=close.get)
 
     @expects(STR)
@@ -32,7 +33,7 @@ def smallest_close_to_full(rows: Sequence[Mapping[str, Any]]) -> Exercise:
     return Exercise(
         "smallest file among the methods indistinguishable from full finetuning",
         checker=checker,
-        hint="Keep the rows whose Δ vs full is at least -2 standard errors (or better), then compare their files.",
+        hint="Keep the rows whose Δ vs full is positive or within two standard errors of 0, then compare their files.",
         solution=f"{best!r}: {close[best] / 1e3:.1f} KB, the smallest of {len(close)} methods within noise of "
         "full finetuning (or above it)",
     )

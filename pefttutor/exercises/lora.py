@@ -1,4 +1,5 @@
-"""Exercises of notebook 05 (LoRA). Checkers derive answers from shapes and from the package's LoRA."""
+"""Exercises of notebook 05 (LoRA). Checkers derive answers from shapes and from the package's LoRA, and the
+experiment's from the trained models themselves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 from pefttutor.methods.lora import LoRALinear
 from pefttutor.models import LlamaConfig
 
-from . import FUNCTION, Exercise, exact_count, expects
+from . import FUNCTION, NUMBER, Exercise, exact_count, expects
 
 
 def lora_params(shapes: Iterable[tuple[int, int]], r: int) -> int:
@@ -85,4 +86,43 @@ def merge() -> Exercise:
         checker=checker,
         hint="W = W0 + (alpha / r) * (B @ A): (d_out, r) @ (r, d_in) -> (d_out, d_in).",
         solution="def merged_weight(W0, A, B, alpha, r):\n    return W0 + (alpha / r) * B @ A",
+    )
+
+
+def captured_energy(dW: torch.Tensor, directions: torch.Tensor) -> float:
+    """The share of dW's energy (squared Frobenius norm) in the span of `directions`' columns
+    (orthonormal, d_out x k): ||U^T dW||^2 / ||dW||^2."""
+    dW = dW.detach().double()
+    return ((directions.double().T @ dW).norm() ** 2 / dW.norm() ** 2).item()
+
+
+def update_overlap(dW: torch.Tensor, layer: LoRALinear) -> Exercise:
+    """The experiment: how much of the full-finetuning update `dW` of one matrix lies in the r output
+    directions that LoRA learned for the same matrix (`layer`, trained). Within 0.0005 (3 decimals)."""
+    dW_lora = (layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).detach().cpu()
+    r, d_out = layer.r, dW.shape[0]
+    U = torch.linalg.svd(dW_lora.double(), full_matrices=False)[0]
+    truth = captured_energy(dW.cpu(), U[:, :r])
+    ceiling = captured_energy(dW.cpu(), torch.linalg.svd(dW.cpu().double(), full_matrices=False)[0][:, :r])
+
+    @expects(NUMBER)
+    def checker(answer):
+        if abs(answer - truth) <= 5e-4:
+            return True, (f"LoRA's {r} directions hold {truth:.1%} of the full update's energy: a random {r}-dimensional "
+                          f"subspace would hold {r / d_out:.1%} on average, dW's own best {r} directions {ceiling:.1%}")
+        if abs(answer - ceiling) <= 5e-4:
+            return False, "that is dW's energy in its own top directions: project onto the left singular vectors of LoRA's update"
+        if abs(answer - r / d_out) <= 5e-4:
+            return False, "that is what a random subspace would capture on average: measure LoRA's"
+        return False, f"got {answer:.3f}"
+
+    return Exercise(
+        "the full update in LoRA's directions",
+        checker=checker,
+        hint="dW_lora = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight; U = its top-r left singular "
+             "vectors (torch.linalg.svd); the share is ||U.T @ dW||^2 / ||dW||^2.",
+        solution="dW_lora = (q.scaling * q.lora_B.weight @ q.lora_A.weight).detach().double()\n"
+                 "U = torch.linalg.svd(dW_lora, full_matrices=False)[0][:, :q.r]\n"
+                 "answer = ((U.T @ dW.double()).norm() ** 2 / dW.double().norm() ** 2).item()\n"
+                 "# the two runs found overlapping directions: far more than a random subspace holds, less than dW's own best",
     )

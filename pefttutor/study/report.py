@@ -83,6 +83,14 @@ def indistinguishable(gap: tuple[float, float]) -> bool:
     return abs(d) < 2 * se
 
 
+def format_gap(gap: tuple[float, float] | None, mark: str = " ≈", missing: str = "—", unit: str = "") -> str:
+    """`gap` as "+0.5 ± 0.5" (then `unit`), followed by `mark` where it is within noise (`indistinguishable`)."""
+    if gap is None:
+        return missing
+    d, se = gap
+    return f"{d:+.1f} ± {se:.1f}{unit}" + (mark if indistinguishable(gap) else "")
+
+
 def late_gain(record: dict[str, Any], last: int = 2) -> float | None:
     """How much the last `last` evaluations improved the best validation metric (points for accuracy,
     nats for loss; > 0 = still improving): the plateau check of a run that stopped at its cap."""
@@ -141,11 +149,7 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], ord
         row = [s["method"], f"{s['lr']:g}", str(s["seeds"]), _fmt(s["values"], digits)]
         row += [_fmt([r["best"]["test"][k] for r in s["runs"]], d) for k, d in others]
         row.append(f"{s['se']:.{digits}f}")
-        if s["gap"] is None:
-            row.append("")
-        else:
-            d, se = s["gap"]
-            row.append(f"{d:+.1f} ± {se:.1f}" + (" ≈" if indistinguishable(s["gap"]) else ""))
+        row.append(format_gap(s["gap"], missing=""))
         row.append(_fmt(s["end"], digits))
         row += [", ".join("—" if step is None else str(step) for step in s["steps_to_best"]), ", ".join(s["stopped"]),
                 "" if s["late_gain"] is None else f"{s['late_gain']:+.2f}",
@@ -157,6 +161,15 @@ def _final_table(records: list[dict[str, Any]], keys: list[tuple[str, int]], ord
     return lines
 
 
+def best_rate(sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep run with the best validation metric (the first of equals): the rate the final runs use."""
+    best = sweep[0]
+    for r in sweep[1:]:
+        if protocol.improved(r["best"]["validation"][r["metric"]], best["best"]["validation"][r["metric"]], r["mode"]):
+            best = r
+    return best
+
+
 def _sweep_table(records: list[dict[str, Any]], order: list[str]) -> list[str]:
     """Every sweep run by method and rate; the chosen rate (best validation) in bold."""
     lines = ["| method | rate | best validation | at step |", "|---|---|---|---|"]
@@ -165,11 +178,7 @@ def _sweep_table(records: list[dict[str, Any]], order: list[str]) -> list[str]:
         by_name.setdefault(r["config"]["name"], []).append(r)
     for name in sorted(by_name, key=lambda n: order.index(n) if n in order else len(order)):
         rs = sorted(by_name[name], key=lambda r: r["config"]["lr"])
-        key, mode = rs[0]["metric"], rs[0]["mode"]
-        best = rs[0]
-        for r in rs[1:]:
-            if protocol.improved(r["best"]["validation"][key], best["best"]["validation"][key], mode):
-                best = r
+        key, best = rs[0]["metric"], best_rate(rs)
         for r in rs:
             mark = "**" if r is best else ""
             lines.append(f"| {name} | {mark}{r['config']['lr']:g}{mark} | {r['best']['validation'][key]:.4f} | "
@@ -212,6 +221,30 @@ def render(folder: Path, all_experiments: list[dict[str, Any]]) -> str:
         out += ["## Provenance\n", f"- machines: {'; '.join(p['machines'])}", f"- commits: {', '.join(p['commits'])}",
                 f"- dates: {p['dates'][0]} to {p['dates'][1]}", ""]
     return "\n".join(out)
+
+
+def quality_rows(rows: list[dict[str, Any]], key: str, digits: int, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """`summary` rows as the notebooks show them: method, seeds, test mean ± std, the test se and the gap to
+    full finetuning with ", indistinguishable" where it is within noise (pass to `pandas.DataFrame`)."""
+    return [{"method": labels.get(r["method"], r["method"]), "seeds": r["seeds"],
+             f"test {key}": f"{r['mean']:.{digits}f}" + ("" if r["std"] is None else f" ± {r['std']:.{digits}f}"),
+             "test se": round(r["se"], digits), "Δ vs full (points)": format_gap(r["gap"], ", indistinguishable")}
+            for r in rows]
+
+
+def sweep_rows(records: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    """A task's sweep runs as the notebooks show them, by method and rate: the best validation metric, its
+    step, and which rate was chosen (the best; the final runs use it). Pass to `pandas.DataFrame`."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r["config"]["lr"]):
+        by_name.setdefault(r["config"]["name"], []).append(r)
+    out = []
+    for name, rs in by_name.items():
+        best = best_rate(rs)
+        out += [{"method": labels.get(name, name), "rate": f"{r['config']['lr']:g}",
+                 f"best validation {r['metric']}": round(r["best"]["validation"][r["metric"]], 4),
+                 "at step": r["best"]["step"], "chosen": "yes" if r is best else ""} for r in rs]
+    return out
 
 
 def provenance(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import checkpoint, compare, config, data, protocol, train
 from ..models.bert import mean_pool
-from . import experiments, methods
+from . import experiments, methods, report
 
 _TASKS: dict[tuple[str, str], Any] = {}  # (task, device) -> protocol object: models load once per process
 
@@ -149,11 +149,7 @@ def resolve(exp: dict[str, Any], all_experiments: list[dict[str, Any]], folder: 
     missing = [e["id"] for e, r in zip(sweep, records) if r is None]
     if missing or not sweep:
         raise LookupError(f"{exp['id']} needs its learning-rate sweep first: {missing or 'no sweep defined'}")
-    key, mode = records[0]["metric"], records[0]["mode"]
-    best = 0
-    for i, r in enumerate(records[1:], 1):
-        if protocol.improved(r["best"]["validation"][key], records[best]["best"]["validation"][key], mode):
-            best = i
+    best = records.index(report.best_rate(records))
     grid = experiments.sweep_of(exp, all_experiments)
     lo, hi = min(e["lr"] for e in grid), max(e["lr"] for e in grid)
     rates = [e["lr"] for e in sweep]
