@@ -77,6 +77,21 @@ REFERENCES: dict[tuple[str, str], str] = {
     ("prompts", "reversed_demonstrations"):  # the answer is this notebook's experiment
         "prompts = [data.tweet_prompt(ex['text'], demos[:4][::-1]) for ex in test_set]\n"
         "answer = metrics.accuracy(icl.label_scores(llm, tok, prompts, label_ids).argmax(-1).tolist(), y_test)",
+    ("prefix", "prefix_attention_layer"):  # the answer is this notebook's experiment, read off its viewer
+        "attention_viewer.set(example=first_example)\n"
+        "answer = int(attention_viewer.state['prefix'].mean(-1).argmax())  # layers x heads -> the layer",
+    ("adapters", "step0_loss"):  # the answer is this notebook's experiment
+        "config.seed_everything(0)  # right before adapters.apply, as section 3 does\n"
+        "answer = val_loss(adapters.apply(copy.deepcopy(head_model), size=8, sigma=0.1))",
+    ("llama_adapter", "closed_gates_loss"):  # the answer is this notebook's experiment
+        "closed = copy.deepcopy(adapted_llm)  # a copy: the trained adapter keeps its gates\n"
+        "for top in list(llama_adapter.adapters(closed).values())[n_layers - 10:]:  # bottom first\n"
+        "    top.adaption_gate.data.zero_()  # closed\n"
+        "answer = train.causal_lm_loss(closed, heldout).item()  # held out, the top 10 gates closed",
+    ("lora", "update_overlap"):  # the answer is this notebook's experiment
+        "dW_lora = (q.scaling * q.lora_B.weight @ q.lora_A.weight).detach().double()\n"
+        "U = torch.linalg.svd(dW_lora, full_matrices=False)[0][:, :q.r]\n"
+        "answer = ((U.T @ dW.double()).norm() ** 2 / dW.double().norm() ** 2).item()",
     ("conclusion", "smallest_close_to_full"):  # the answer comes from this notebook's study table
         'close = {r["method"]: r["file_bytes"] for r in minilm_rows\n'
         '         if r["method"] == "full" or r["gap"][0] >= -2 * r["gap"][1]}\n'

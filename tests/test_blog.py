@@ -89,7 +89,7 @@ def test_sections_in_the_blogs_order(bundle):
     assert [nb.stem for nb in NOTEBOOKS] == ["01_introduction", "02_hard_vs_soft_prompts", "03_prefix_tuning",
                                              "04_adapters", "05_lora", "06_conclusion"]
     assert not re.search(r"^# ", body, re.M), "the theme prints the title; the body has no h1"
-    assert "\n### 1 · The low-rank idea\n" in body and "\n#### Rank sweep\n" in body  # demoted one level
+    assert "\n### 1 · The low-rank idea\n" in body and "\n#### Rank sweep" in body  # demoted one level
     assert "\n### 5 · LLaMA-Adapter: prompts behind a zero gate\n" in body
 
 

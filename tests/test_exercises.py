@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pefttutor.exercises import Exercise, close_to, exact_count
-from tiny_models import ByteTokenizer, reversed_demos_exercise, tiny_llama, two_lora_adapters
+from tiny_models import ByteTokenizer, reversed_demos_exercise, tiny_bert, tiny_llama, two_lora_adapters
 
 
 def make():
@@ -145,6 +145,152 @@ def test_reversed_demonstrations_experiment_right_and_wrong(smollm2, capsys):
     assert ex.check("0.5") is False and "expected a number, got str" in capsys.readouterr().out
 
 
+def tiny_classifier_and_batches():
+    """Notebook 04's step-0 experiment in miniature: a tiny Bert classifier and two labelled batches."""
+    import torch
+
+    from pefttutor.models import BertClassifier
+
+    classifier = BertClassifier(tiny_bert(), num_classes=3, pooling="mean").eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 64, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+                "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(2)]
+    return classifier, batches
+
+
+def test_adapters_step0_experiment_right_and_wrong(capsys):
+    import copy
+    import statistics
+
+    import torch
+
+    from pefttutor import config, train
+    from pefttutor.exercises import adapters as nb04
+    from pefttutor.methods import adapters
+
+    classifier, batches = tiny_classifier_and_batches()
+
+    @torch.no_grad()
+    def val_loss(model):  # the notebook's val_loss, done independently of the checker
+        model.eval()
+        return statistics.fmean(train.classification_loss(model, b).item() for b in batches)
+
+    def experiment(size, sigma=2.0):  # the reader's experiment, seeded as the notebook seeds it
+        config.seed_everything(0)
+        return val_loss(adapters.apply(copy.deepcopy(classifier), size=size, sigma=sigma))
+
+    ex = nb04.step0_loss(classifier, batches, size=2, sigma=2.0, compare_size=16)
+    right, wide, none = experiment(2), experiment(16), val_loss(classifier)
+    assert min(abs(right - wide), abs(right - none), abs(wide - none)) > 2e-3  # three different answers
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert ex.check(round(right, 4)) is True and "m=2" in capsys.readouterr().out
+    assert torch.equal(torch.rand(3), expected)  # the checker leaves the global RNG alone
+    assert ex.check(wide) is False and "m=16" in capsys.readouterr().out
+    assert ex.check(none) is False and "without adapters" in capsys.readouterr().out
+    assert ex.check(right + 0.1) is False and "seed_everything" in capsys.readouterr().out
+    assert ex.check("0.9") is False and "expected a number, got str" in capsys.readouterr().out
+    assert not classifier.training and has_no_adapters(classifier)
+
+
+def has_no_adapters(model):
+    """The checker works on copies: the model passed in still has no adapters."""
+    from pefttutor.methods import adapters
+
+    return not adapters.adapter_layers(model)
+
+
+def tiny_trained_llama_adapter():
+    """Notebook 04's closed-gates experiment in miniature: a tiny Llama with an adapter whose gates are
+    open (as after training), and a batch scored on its last tokens only."""
+    import torch
+
+    from pefttutor.methods import llama_adapter
+
+    torch.manual_seed(0)
+    model = llama_adapter.apply(tiny_llama(), n_tokens=3)
+    with torch.no_grad():
+        for a in llama_adapter.adapters(model).values():
+            a.adaption_gate.normal_(std=0.5)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 6), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # the "prompt" is not scored
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_llama_adapter_closed_gates_experiment_right_and_wrong(capsys):
+    import copy
+
+    import torch
+
+    from pefttutor import train
+    from pefttutor.exercises import llama_adapter as nb04
+    from pefttutor.methods import llama_adapter
+
+    model, batch = tiny_trained_llama_adapter()
+    before = llama_adapter.gates(model)
+
+    def loss_with_closed(layers):  # the reader's experiment, done independently of the checker
+        closed = copy.deepcopy(model)
+        with torch.no_grad():
+            for i, a in enumerate(llama_adapter.adapters(closed).values()):
+                if i in layers:
+                    a.adaption_gate.zero_()
+            return train.causal_lm_loss(closed, batch).item()
+
+    ex = nb04.closed_gates_loss(model, batch, layers=[1])
+    right, opened, base = loss_with_closed([1]), loss_with_closed([]), loss_with_closed([0, 1])
+    assert min(abs(right - opened), abs(right - base)) > 2e-3  # three different answers
+    with torch.no_grad():  # a reader who closes the gates in place before checking does not move the answer
+        for a in llama_adapter.adapters(model).values():
+            a.adaption_gate.zero_()
+    assert ex.check(round(right, 4)) is True and "layers 1-1 closed" in capsys.readouterr().out
+    assert torch.equal(llama_adapter.gates(model), torch.zeros_like(before))  # the model's gates are put back
+    assert ex.check(opened) is False and "every gate as trained" in capsys.readouterr().out
+    assert ex.check(base) is False and "the base model" in capsys.readouterr().out
+    assert ex.check(right + 0.1) is False and "causal_lm_loss" in capsys.readouterr().out
+    assert ex.check([right]) is False and "expected a number, got list" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="layers must be in"):
+        nb04.closed_gates_loss(model, batch, layers=[2])
+
+
+def tiny_prefixed_llama_and_ids():
+    """A tiny Llama with a random prefix (4 layers) and one input of 16 byte tokens, for notebook 03's experiment."""
+    from pefttutor.methods import prefix_tuning
+
+    model = prefix_tuning.apply(tiny_llama(num_hidden_layers=4), n_tokens=3, reparam=False)
+    return model, torch.tensor([ByteTokenizer()("a prefix steers")["input_ids"]])
+
+
+def test_prefix_attention_layer_experiment_right_and_wrong(capsys):
+    from pefttutor import widgets
+    from pefttutor.exercises import prefix
+
+    model, ids = tiny_prefixed_llama_and_ids()
+    ex = prefix.prefix_attention_layer(model, ids)
+
+    class Tokenizer:  # what the viewer needs: the same ids as a tensor, and names for the tokens
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": ids}
+
+        def decode(self, token_ids):
+            return str(token_ids[0])
+
+    # the learner's experiment, done independently of the checker: read the attention viewer's state
+    shares = widgets.prefix_attention_viewer(model, Tokenizer(), {"the example": "..."}).state["prefix"].mean(-1)
+    best, low = int(shares.argmax()), int(shares.argmin())
+    assert ex.check(best) is True and "of its attention" in capsys.readouterr().out
+    assert ex.check(low) is False and "the least" in capsys.readouterr().out
+    other = next(i for i in range(4) if i not in (best, low))
+    assert ex.check(other) is False and "another layer gives it more" in capsys.readouterr().out
+    assert ex.check(4) is False and "numbered 0 to 3" in capsys.readouterr().out
+    assert ex.check(-1) is False and "numbered 0 to 3" in capsys.readouterr().out
+    assert ex.check(2.0) is False and "expected an int, got float" in capsys.readouterr().out
+    assert ex.check(...) is None
+
+
 @functools.cache
 def every_exercise():
     """Each notebook's exercises, built as the notebooks build them (stand-ins for what they measure),
@@ -168,9 +314,11 @@ def every_exercise():
         "prefix.smollm2_params": (prefix.smollm2_params(), count),
         "prefix.smollm2_mlp_params": (prefix.smollm2_mlp_params(), count),
         "prefix.layer_prefix": (prefix.layer_prefix(), function),
+        "prefix.prefix_attention_layer": (prefix.prefix_attention_layer(*tiny_prefixed_llama_and_ids()), count),
         "adapters.bert_large_params": (adapters.bert_large_params(), count),
         "adapters.forward": (adapters.forward(), function),
         "adapters.zero_init": (adapters.zero_init(), function),
+        "adapters.step0_loss": (adapters.step0_loss(*tiny_classifier_and_batches(), size=2, compare_size=16), number),
         "lora.gpt3_params": (lora.gpt3_params(), count),
         "lora.smollm2_params": (lora.smollm2_params(), count),
         "lora.forward": (lora.forward(), function),
@@ -179,6 +327,8 @@ def every_exercise():
         "llama_adapter.llama7b_params": (llama_adapter.llama7b_params(), count),
         "llama_adapter.smollm2_params": (llama_adapter.smollm2_params(), count),
         "llama_adapter.first_step": (llama_adapter.first_step(), name),
+        "llama_adapter.closed_gates_loss": (llama_adapter.closed_gates_loss(*tiny_trained_llama_adapter(), layers=[1]),
+                                            number),
         "conclusion.llama_adapter_7b": (conclusion.llama_adapter_7b, count),
         "conclusion.smallest_close_to_full": (conclusion.smallest_close_to_full(rows), name),
         "conclusion.lora_65b_rank": (conclusion.lora_65b_rank, count),

@@ -198,10 +198,61 @@ def test_every_table_reference_is_accepted_by_its_checker():
                                               {"combine": combine, "math": math, "adapters": adapters,
                                                "weights": weights}),
     }
+    cases.update(_experiment_cases())
     assert set(cases) == set(student.REFERENCES)
     for key, code in student.REFERENCES.items():
         exercise, namespace = cases[key]
         assert student.accepts(exercise, _answer(code, dict(namespace))), key
+
+
+def _experiment_cases() -> dict:
+    """The experiment exercises of notebooks 03-05 on tiny stand-ins (tests/test_exercises.py builds
+    them), with the names their references read in the notebooks."""
+    import copy
+    import statistics
+
+    from test_exercises import tiny_classifier_and_batches, tiny_prefixed_llama_and_ids, trained_lora_pair
+
+    from pefttutor import config, train, widgets
+    from pefttutor.exercises import adapters as nb04, llama_adapter as nb04_llama, lora as nb05, prefix as nb03
+    from pefttutor.methods import adapters, llama_adapter
+
+    model, ids = tiny_prefixed_llama_and_ids()
+
+    class Tokenizer:  # what the viewer needs: the same ids as a tensor, and names for the tokens
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": ids}
+
+        def decode(self, token_ids):
+            return str(token_ids[0])
+
+    viewer = widgets.prefix_attention_viewer(model, Tokenizer(), {"the example": "..."})
+    classifier, batches = tiny_classifier_and_batches()
+
+    @torch.no_grad()
+    def val_loss(m):  # notebook 04's
+        m.eval()
+        return statistics.fmean(train.classification_loss(m, b).item() for b in batches)
+
+    torch.manual_seed(0)
+    adapted = llama_adapter.apply(tiny_llama(num_hidden_layers=12), n_tokens=3)
+    with torch.no_grad():
+        for a in llama_adapter.adapters(adapted).values():
+            a.adaption_gate.normal_(std=0.5)  # open, as after training
+    heldout = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    dW, q = trained_lora_pair()
+    return {
+        ("prefix", "prefix_attention_layer"): (nb03.prefix_attention_layer(model, ids),
+                                               {"attention_viewer": viewer, "first_example": "the example"}),
+        ("adapters", "step0_loss"): (nb04.step0_loss(classifier, batches, size=8, sigma=0.1, compare_size=16),
+                                     {"config": config, "val_loss": val_loss, "adapters": adapters, "copy": copy,
+                                      "head_model": classifier}),
+        ("llama_adapter", "closed_gates_loss"): (nb04_llama.closed_gates_loss(adapted, heldout, layers=range(2, 12)),
+                                                 {"copy": copy, "llama_adapter": llama_adapter,
+                                                  "train": train, "adapted_llm": adapted, "heldout": heldout,
+                                                  "n_layers": 12}),
+        ("lora", "update_overlap"): (nb05.update_overlap(dW, q), {"torch": torch, "q": q, "dW": dW}),
+    }
 
 
 def test_every_derived_reference_is_accepted_by_its_checker():

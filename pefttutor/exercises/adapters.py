@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import statistics
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from pefttutor.methods.adapters import Bottleneck, SerialAdapter
+from pefttutor.methods.adapters import Bottleneck, SerialAdapter, apply
+from pefttutor.train import Batch, classification_loss
 
-from . import FUNCTION, Exercise, exact_count, expects
+from . import FUNCTION, NUMBER, Exercise, exact_count, expects
 
 
 def adapter_params(d: int, m: int, n_adapters: int) -> int:
@@ -86,4 +92,62 @@ def zero_init() -> Exercise:
         solution="def init_identity(adapter):\n"
         "    adapter.up.weight.zero_()  # W_up = 0\n"
         "    adapter.up.bias.zero_()    # b_up = 0; W_down and b_down unchanged (W_down random)",
+    )
+
+
+def _val_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Mean cross-entropy over `batches` in eval mode, as notebook 04's `val_loss`; the mode is restored."""
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    with torch.no_grad():
+        loss = statistics.fmean(classification_loss(model, {k: v.to(device) for k, v in b.items()}).item()
+                                for b in batches)
+    model.train(was_training)
+    return loss
+
+
+def step0_loss(model: nn.Module, batches: list[Batch], size: int = 8, sigma: float = 0.1, seed: int = 0,
+               compare_size: int = 64) -> Exercise:
+    """The experiment: the validation loss of the trained classifier `model` right after Houlsby
+    adapters of width `size` and init scale `sigma` are inserted (seeded with `seed`), before any step.
+
+    The checker inserts them itself into a copy (once, at the first check), and for its messages
+    also the same `sigma` at `compare_size` and no adapters at all; within 0.0005 (a loss printed
+    to 3 decimals). The caller's random state is untouched."""
+
+    @functools.cache
+    def losses() -> dict:
+        out = {"none": _val_loss(model, batches)}
+        for m in dict.fromkeys((size, compare_size)):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)  # what config.seed_everything(seed) does to torch
+                adapted = apply(copy.deepcopy(model), size=m, placement="houlsby", sigma=sigma)
+            out[m] = _val_loss(adapted, batches)
+            del adapted
+        return out
+
+    @expects(NUMBER)
+    def checker(answer):
+        got = losses()
+        if abs(answer - got[size]) <= 5e-4:
+            return True, (f"m={size}: {got[size]:.3f}, against {got[compare_size]:.3f} at m={compare_size} and "
+                          f"{got['none']:.3f} without adapters. The same sigma moves the model less through a "
+                          f"narrower bottleneck: the branch grows like sigma^2 sqrt(md), so what 'near the "
+                          f"identity' needs depends on m and d too")
+        if size != compare_size and abs(answer - got[compare_size]) <= 5e-4:
+            return False, f"that is the loss with m={compare_size}: insert adapters with size={size}"
+        if abs(answer - got["none"]) <= 5e-4:
+            return False, "that is the model without adapters: insert them into a copy first (adapters.apply)"
+        return False, (f"got {answer:.3f}; seed with config.seed_everything({seed}) right before "
+                       f"adapters.apply(copy.deepcopy(model), size={size}, sigma={sigma:g}), then val_loss")
+
+    return Exercise(
+        f"validation loss at step 0, Houlsby m={size}, sigma={sigma:g}",
+        checker=checker,
+        hint=f"the cell of section 3 that measured the step-0 losses does it for m=64: the same with size={size}. "
+             "Seed right before adapters.apply, so the adapters' weights are the checker's.",
+        solution=f"config.seed_everything({seed})\n"
+                 f"answer = val_loss(adapters.apply(copy.deepcopy(head_model), size={size}, sigma={sigma:g}))\n"
+                 f"# below the m={compare_size} loss: the branch is about sqrt({compare_size}/{size}) times smaller "
+                 "for the same sigma (sigma^2 sqrt(md)), so a narrow adapter tolerates a larger sigma",
     )

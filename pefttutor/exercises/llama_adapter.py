@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 import torch
+from torch import nn
 
 from pefttutor.methods import llama_adapter
 from pefttutor.models import Llama, LlamaConfig
+from pefttutor.train import Batch, causal_lm_loss
 
-from . import STR, Exercise, exact_count, expects
+from . import NUMBER, STR, Exercise, exact_count, expects
 
 FIRST_STEP_CHOICES = ("prompts", "gates", "both", "neither")
 
@@ -69,4 +74,72 @@ def first_step() -> Exercise:
              "Differentiate with respect to g and with respect to the prompt, at g = 0.",
         solution='answer = "gates"  # d/dg = softmax(q K_p^T) V_p != 0, but d/dP carries the factor g = 0. The first '
                  "step opens the gates; from the second step on the prompts learn too.",
+    )
+
+
+def closed_gates_loss(model: nn.Module, batch: Batch, layers: Iterable[int]) -> Exercise:
+    """The experiment: the loss of the trained adapter `model` on `batch` with the gates of the
+    adapted layers `layers` (0 = the bottom adapted layer) set to zero, every other gate as trained.
+
+    The gates are copied now, so changing them in place before the check does not change the answer.
+    The checker computes the loss itself (once, at the first check) with those gates closed, with
+    every gate open and with every gate closed (the base model), then puts the model's gates back;
+    within 0.001."""
+    modules = list(llama_adapter.adapters(model).values())
+    closed = sorted(set(layers))
+    assert closed and all(0 <= i < len(modules) for i in closed), f"layers must be in 0..{len(modules) - 1}"
+    trained = [m.adaption_gate.detach().clone() for m in modules]
+    contiguous = closed == list(range(closed[0], closed[-1] + 1))
+    span = f"{closed[0]}-{closed[-1]}" if contiguous else str(closed)
+    which = f"range({closed[0]}, {closed[-1] + 1})" if contiguous else repr(closed)
+
+    @functools.cache
+    def losses() -> dict:
+        current = [m.adaption_gate.detach().clone() for m in modules]
+        device, was_training = next(model.parameters()).device, model.training
+        b = {k: v.to(device) for k, v in batch.items()}
+        model.eval()
+        out = {}
+        try:
+            with torch.no_grad():
+                for name, shut in (("open", ()), ("closed", closed), ("all closed", range(len(modules)))):
+                    for i, (m, g) in enumerate(zip(modules, trained)):
+                        m.adaption_gate.copy_(torch.zeros_like(g) if i in shut else g)
+                    out[name] = causal_lm_loss(model, b).item()
+        finally:
+            with torch.no_grad():
+                for m, g in zip(modules, current):
+                    m.adaption_gate.copy_(g)
+            model.train(was_training)
+        return out
+
+    @expects(NUMBER)
+    def checker(answer):
+        got = losses()
+        if abs(answer - got["closed"]) <= 1e-3:
+            gain = got["all closed"] - got["open"]
+            share = f"{(got['closed'] - got['open']) / gain:.0%}" if gain > 0 else "none"
+            return True, (f"{got['open']:.3f} with every gate as trained, {got['closed']:.3f} with layers {span} "
+                          f"closed, {got['all closed']:.3f} with every gate closed (the base model): closing these "
+                          f"{len(closed)} of {len(modules)} layers gives back {share} of what the adapter gained")
+        if abs(answer - got["open"]) <= 1e-3:
+            return False, f"that is the loss with every gate as trained: zero the gates of layers {span} first"
+        if abs(answer - got["all closed"]) <= 1e-3:
+            return False, f"that is the loss with every gate closed (the base model): close only layers {span}"
+        return False, (f"got {answer:.3f}; in a copy of the model, zero adaption_gate of the adapted layers {span} "
+                       "(llama_adapter.adapters(model), bottom first), then train.causal_lm_loss on the batch")
+
+    return Exercise(
+        f"the loss with the gates of layers {span} closed",
+        checker=checker,
+        hint="llama_adapter.adapters(model) lists the adapted layers' modules, bottom first; each has an "
+             "adaption_gate (one per head). Zero them in a copy.deepcopy of the model, under torch.no_grad(), "
+             "and take train.causal_lm_loss(model, batch).item().",
+        solution="closed = copy.deepcopy(adapted_llm)\n"
+                 "with torch.no_grad():\n"
+                 "    for i, a in enumerate(llama_adapter.adapters(closed).values()):\n"
+                 f"        if i in {which}:\n"
+                 "            a.adaption_gate.zero_()\n"
+                 "    answer = train.causal_lm_loss(closed, heldout).item()\n"
+                 "# compare with every gate as trained and with every gate closed: the check prints both",
     )

@@ -1,13 +1,17 @@
-"""Exercises of notebook 03 (prefix tuning). Checkers derive answers from the configs and from the package."""
+"""Exercises of notebook 03 (prefix tuning). Checkers derive answers from the configs and from the package,
+or (the experiment) by measuring on the reader's model themselves."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from pefttutor import attention_maps
 from pefttutor.methods.prefix_tuning import LayerPrefix, PrefixEncoder
 from pefttutor.models import LlamaConfig
 
-from . import FUNCTION, Exercise, exact_count, expects
+from . import FUNCTION, INT, Exercise, exact_count, expects
 
 
 def prefix_params(n_tokens: int, n_layers: int, kv_dim: int, reparam: bool = False, hidden: int = 512) -> int:
@@ -78,4 +82,41 @@ def layer_prefix() -> Exercise:
                  "    k, v = block[:, :kv], block[:, kv:]\n"
                  "    shape = (P_theta.shape[0], n_kv_heads, head_dim)\n"
                  "    return k.reshape(shape).transpose(0, 1), v.reshape(shape).transpose(0, 1)",
+    )
+
+
+def prefix_attention_layer(model, input_ids: torch.Tensor) -> Exercise:
+    """The experiment: which layer of the prefix-tuned `model` gives its prefix the largest share of
+    attention on `input_ids` (1, T), averaged over the heads and the query tokens: what the attention
+    viewer's left panel shows, row by row. The checker measures it itself (`attention_maps.prefix_mass`,
+    once, at the first check), so the answer is verified against the model, not a stored number."""
+
+    @functools.cache
+    def shares() -> tuple[float, ...]:
+        prefix, _ = attention_maps.prefix_mass(model, input_ids)  # (1, L, H, T)
+        return tuple(prefix[0].mean((-2, -1)).tolist())  # (L,): each layer's mean share
+
+    @expects(INT)
+    def checker(answer):
+        s = shares()
+        L, top = len(s), max(s)
+        low = min(range(L), key=s.__getitem__)
+        if not 0 <= answer < L:
+            return False, f"the layers are numbered 0 to {L - 1}"
+        if s[answer] == top:
+            return True, (f"layer {answer} gives the prefix {top:.1%} of its attention; the least is layer {low}'s, "
+                          f"{s[low]:.1%}")
+        if answer == low:
+            return False, f"layer {answer} is the one that gives the prefix the least ({s[low]:.1%})"
+        return False, f"layer {answer} gives the prefix {s[answer]:.1%}; another layer gives it more"
+
+    return Exercise(
+        "the layer that attends most to the prefix",
+        checker=checker,
+        hint="choose the example in the viewer and move the layer slider, reading the share it prints for each "
+             "layer; or take attention_viewer.state['prefix'] (layers x heads), average over the heads and find "
+             "the largest.",
+        solution="attention_viewer.set(example=first_example)\n"
+                 "answer = int(attention_viewer.state['prefix'].mean(-1).argmax())\n"
+                 "# the same from the pure function: attention_maps.prefix_mass(llm, ids)[0][0].mean((-2, -1)).argmax()",
     )
