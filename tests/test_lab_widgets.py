@@ -2,12 +2,13 @@
 
 A JupyterLab server (this venv's, its `python3` kernel, fast mode) serves a temporary copy of
 notebooks/. Each test opens a notebook, clears its outputs, runs it in the kernel it just started
-(Run > Run All Cells; for 05, Run All Above Selected Cell, up to its widget), then moves the
+(Run > Run All Cells; for 03 and 05, Run All Above Selected Cell, up to the widget), then moves the
 widget's controls (picks dropdown options, types into a slider's readout, presses keys on a
 slider's handle, clicks toggle buttons) and checks that the rendered text shows the numbers the
-package's own functions give (computed here), that the static picture is redrawn after every
-move, and that no script error was raised and no request left the lab. One screenshot per widget
-goes to build/test-artifacts/lab-widgets/.
+package's own functions give (computed here; for 03's prefix attention viewer, in the notebook's
+own kernel beside the widget, since they need its trained model), that the static picture is
+redrawn after every move, and that no script error was raised and no request left the lab. One
+screenshot per widget goes to build/test-artifacts/lab-widgets/.
 
 (Not "Restart Kernel and Run All Cells": restarting a kernel that has just started can make
 JupyterLab itself reject a pending kernel_info request, an uncaught error that is no widget's.)
@@ -129,7 +130,7 @@ def lab(tmp_path_factory):
                 if "started" in json.loads(_get(f"{base}api/status?token={TOKEN}")):
                     break
             time.sleep(0.5)
-        yield {"base": base, "root": root, "log": log_tail}
+        yield {"base": base, "root": root, "log": log_tail, "runtime": home["runtime"]}
     finally:
         children = _descendants(server.pid)  # its kernels, which run in sessions of their own
         if server.poll() is None:
@@ -533,4 +534,88 @@ def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, lab_browser):
         picture.redrawn("pressing ArrowLeft on r")
 
         _screenshot(cell, "05_lora-svd_explorer")
+        _no_script_errors(seen)
+
+
+# --- notebook 03: the prefix attention viewer ------------------------------------------------------
+
+
+def _in_kernel(lab, notebook: str, code: str) -> str:
+    """Run `code` in the notebook's own kernel through a second client (the lab's runtime folder holds
+    its connection file) and return what it printed: numbers computed beside the widget, not by it."""
+    from jupyter_client import BlockingKernelClient
+
+    sessions = json.loads(_get(f"{lab['base']}api/sessions?token={TOKEN}"))
+    kernel = next(s["kernel"]["id"] for s in sessions if notebook in (s["path"], s["name"]))
+    client = BlockingKernelClient(connection_file=str(lab["runtime"] / f"kernel-{kernel}.json"))
+    client.load_connection_file()
+    client.start_channels()
+    printed = []
+
+    def collect(msg):
+        if msg["msg_type"] == "stream":
+            printed.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            printed.append("\n".join(msg["content"]["traceback"]))
+
+    try:
+        reply = client.execute_interactive(code, timeout=STEP_TIMEOUT_MS / 1000, output_hook=collect)
+    finally:
+        client.stop_channels()
+    assert reply["content"]["status"] == "ok", "".join(printed)
+    return "".join(printed).strip()
+
+
+def test_03_prefix_attention_viewer_follows_its_controls_in_jupyterlab(lab, lab_browser):
+    notebook = "03_prefix_tuning.ipynb"
+    sources = _code_cells(lab, notebook)
+    widget_at = next(i for i, s in enumerate(sources) if "prefix_attention_viewer(" in s)
+    cells = nbformat.read(lab["root"] / notebook, as_version=4).cells
+    below = [i for i, c in enumerate(cells) if c.cell_type == "code"][widget_at] + 1  # any cell below it
+    assert below < len(cells)
+
+    def expected(example: int, layer: int) -> str:
+        """The viewer's sentence for one layer, from attention_maps.prefix_mass on the notebook's trained
+        model, computed in its kernel without the widget."""
+        return _in_kernel(lab, notebook, f"""
+from pefttutor import attention_maps as _maps
+_text = list(viewer_texts)[{example}]
+_mass, _ = _maps.prefix_mass(llm, ltok(viewer_texts[_text], return_tensors="pt")["input_ids"].to(device))
+_layer = _mass[0, {layer}].mean(-1)  # (heads,): each head's mean over the tokens
+print(f"layer {layer}: {{_layer.mean():.1%}} (heads {{_layer.min():.1%}} to {{_layer.max():.1%}})")
+""")
+
+    with _opened(lab, lab_browser, notebook) as (page, seen):
+        # Run > Run All Above Selected Cell, on the cell below the viewer's: the notebook up to its widget
+        page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
+        _menu(page, "Run", "Run All Above Selected Cell")
+        _wait_for_run(page, widget_at + 1, lab)
+        cell = _widget_cell(page, "example")
+        info = cell.locator(".widget-html-content, .jp-RenderedHTML").filter(has_text="of the attention")
+        picture = Picture(cell.locator(".jp-OutputArea img"), seen)
+        example = _control(cell, "widget-dropdown", "example").locator("select")
+        slider = _control(cell, "widget-slider", "layer")
+        labels = example.locator("option").all_text_contents()
+        assert len(labels) == 3, labels
+        last = int(slider.locator(".noUi-handle").get_attribute("aria-valuetext"))
+
+        def shows(i: int, layer: int) -> None:
+            _expect(info).to_contain_text(labels[i])
+            _expect(info).to_contain_text(expected(i, layer))
+
+        shows(0, last)  # as the cell made it: the first example, the top layer
+
+        example.select_option(index=2)
+        shows(2, last)
+        picture.redrawn("choosing the third example")
+
+        _type_into_readout(slider, 12)
+        shows(2, 12)
+        picture.redrawn("typing layer 12")
+
+        _press_on_handle(slider, "ArrowLeft", 1, 11)
+        shows(2, 11)
+        picture.redrawn("pressing ArrowLeft on the layer")
+
+        _screenshot(cell, "03_prefix_tuning-prefix_attention_viewer")
         _no_script_errors(seen)
