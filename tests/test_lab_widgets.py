@@ -320,6 +320,22 @@ def _code_cells(lab, notebook: str) -> list[str]:
     return [c.source for c in nbformat.read(lab["root"] / notebook, as_version=4).cells if c.cell_type == "code"]
 
 
+def _widget_position(lab, notebook: str, is_widget) -> tuple[int, int]:
+    """(the widget cell's index among the code cells, the index among all cells of the cell below it)."""
+    widget_at = next(i for i, s in enumerate(_code_cells(lab, notebook)) if is_widget(s))
+    cells = nbformat.read(lab["root"] / notebook, as_version=4).cells
+    below = [i for i, c in enumerate(cells) if c.cell_type == "code"][widget_at] + 1
+    assert below < len(cells), f"nothing below the widget of {notebook}"
+    return widget_at, below
+
+
+def _run_up_to_widget(page, lab, widget_at: int, below: int) -> None:
+    """Run > Run All Above Selected Cell, on the cell below the widget's: the notebook up to its widget."""
+    page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
+    _menu(page, "Run", "Run All Above Selected Cell")
+    _wait_for_run(page, widget_at + 1, lab)
+
+
 # --- notebook 06: the calculator and the learning curves ------------------------------------------
 
 
@@ -484,12 +500,8 @@ def _svd_text(name: str, r: int, rep: dict) -> str:
 
 def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, lab_browser):
     notebook = "05_lora.ipynb"
-    sources = _code_cells(lab, notebook)
-    widget_at = next(i for i, s in enumerate(sources) if "svd_explorer(" in s or 'description="matrix"' in s)
-    cells = nbformat.read(lab["root"] / notebook, as_version=4).cells
-    below = [i for i, c in enumerate(cells) if c.cell_type == "code"][widget_at] + 1  # any cell below it
-    assert below < len(cells)
-    report_cell = next(s for s in sources if "def low_rank_report" in s)
+    widget_at, below = _widget_position(lab, notebook, lambda s: "svd_explorer(" in s or 'description="matrix"' in s)
+    report_cell = next(s for s in _code_cells(lab, notebook) if "def low_rank_report" in s)
 
     # Expected numbers: the notebook's own low_rank_report on the pretrained W0 (the finetuning update
     # dW needs the notebook's training run, so only its parameter count is checked).
@@ -504,10 +516,7 @@ def test_05_svd_explorer_follows_its_controls_in_jupyterlab(lab, lab_browser):
     w0, low_rank_report = ns["W0"], ns["low_rank_report"]
 
     with _opened(lab, lab_browser, notebook) as (page, seen):
-        # Run > Run All Above Selected Cell, on the cell below the widget's: the notebook up to its widget
-        page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
-        _menu(page, "Run", "Run All Above Selected Cell")
-        _wait_for_run(page, widget_at + 1, lab)
+        _run_up_to_widget(page, lab, widget_at, below)
         cell = _widget_cell(page, "matrix")
         info = cell.locator(".widget-html-content, .jp-RenderedHTML").filter(has_text="relative error")
         picture = Picture(cell.locator(".jp-OutputArea img"), seen)
@@ -568,11 +577,7 @@ def _in_kernel(lab, notebook: str, code: str) -> str:
 
 def test_03_prefix_attention_viewer_follows_its_controls_in_jupyterlab(lab, lab_browser):
     notebook = "03_prefix_tuning.ipynb"
-    sources = _code_cells(lab, notebook)
-    widget_at = next(i for i, s in enumerate(sources) if "prefix_attention_viewer(" in s)
-    cells = nbformat.read(lab["root"] / notebook, as_version=4).cells
-    below = [i for i, c in enumerate(cells) if c.cell_type == "code"][widget_at] + 1  # any cell below it
-    assert below < len(cells)
+    widget_at, below = _widget_position(lab, notebook, lambda s: "prefix_attention_viewer(" in s)
 
     def expected(example: int, layer: int) -> str:
         """The viewer's sentence for one layer, from attention_maps.prefix_mass on the notebook's trained
@@ -586,10 +591,7 @@ print(f"layer {layer}: {{_layer.mean():.1%}} (heads {{_layer.min():.1%}} to {{_l
 """)
 
     with _opened(lab, lab_browser, notebook) as (page, seen):
-        # Run > Run All Above Selected Cell, on the cell below the viewer's: the notebook up to its widget
-        page.locator(".jp-Notebook .jp-Cell").nth(below).locator(".jp-InputPrompt").click()
-        _menu(page, "Run", "Run All Above Selected Cell")
-        _wait_for_run(page, widget_at + 1, lab)
+        _run_up_to_widget(page, lab, widget_at, below)
         cell = _widget_cell(page, "example")
         info = cell.locator(".widget-html-content, .jp-RenderedHTML").filter(has_text="of the attention")
         picture = Picture(cell.locator(".jp-OutputArea img"), seen)
