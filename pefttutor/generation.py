@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pefttutor import data
+from pefttutor import data, quantized
 
 
 @torch.no_grad()
@@ -22,11 +22,12 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(list(prompts[i:i + batch_size]), add_special_tokens=add_special_tokens)["input_ids"]
-        ids, mask = data.left_pad(ids, data.pad_id_of(tokenizer))
-        seqs = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device),
-                              eos_token_id=tokenizer.eos_token_id)
-        out += [tokenizer.decode(s[ids.shape[1]:], skip_special_tokens=True).strip() for s in seqs]
+    with quantized.dequantize_once(model):  # a 4-bit base dequantizes once, not once per token
+        for i in range(0, len(prompts), batch_size):
+            ids = tokenizer(list(prompts[i:i + batch_size]), add_special_tokens=add_special_tokens)["input_ids"]
+            ids, mask = data.left_pad(ids, data.pad_id_of(tokenizer))
+            seqs = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device),
+                                  eos_token_id=tokenizer.eos_token_id)
+            out += [tokenizer.decode(s[ids.shape[1]:], skip_special_tokens=True).strip() for s in seqs]
     model.train(was_training)
     return out

@@ -23,6 +23,7 @@ dropped, and what comes back from a 4-bit layer is W_hat, not W0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,11 +46,11 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer = layer
-        return F.linear(x, layer.dequantized().to(x.dtype), bias)  # the bias inside: one rounding, as bnb
+        return F.linear(x, layer.weight_as(x.dtype), bias)  # the bias inside: one rounding, as bnb
 
     @staticmethod
     def backward(ctx, grad):
-        dx = grad @ ctx.layer.dequantized().to(grad.dtype) if ctx.needs_input_grad[0] else None
+        dx = grad @ ctx.layer.weight_as(grad.dtype) if ctx.needs_input_grad[0] else None
         db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return dx, db, None
 
@@ -77,6 +78,7 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.double_quant = quant_type, double_quant
         self.dtype, self.compute_dtype = dtype, compute_dtype  # W_hat's dtype (W0's), the matmul's
+        self._cache: dict[torch.dtype, torch.Tensor] | None = None  # W_hat by dtype, inside dequantize_once
         n = in_features * out_features
         blocks = math.ceil(n / quant.BLOCK)
         self.register_buffer("codes", torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device))
@@ -115,6 +117,15 @@ class Linear4bit(nn.Module):
 
     weight = property(dequantized)
 
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_hat in `dtype`: dequantized now, or kept from the first call inside `dequantize_once`."""
+        cache = self._cache
+        if cache is None:
+            return self.dequantized().to(dtype)
+        if dtype not in cache:
+            cache[dtype] = self.dequantized().to(dtype)
+        return cache[dtype]
+
     def stored_bytes(self) -> int:
         """Bytes of the quantized weight: codes and constants (the bias not included)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -140,6 +151,21 @@ class Linear4bit(nn.Module):
         bits = 8 * self.stored_bytes() / (self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, double_quant={self.double_quant}, {bits:.3f} bits/weight")
+
+
+@contextlib.contextmanager
+def dequantize_once(model: nn.Module):
+    """Inside, each Linear4bit dequantizes once and keeps W_hat: for generation, where every new
+    token is a forward through every layer (a fresh dequantization each time costs more than the
+    token's matmuls). The same numbers, W_hat's memory held meanwhile; no-op without 4-bit layers."""
+    found = layers(model).values()
+    for layer in found:
+        layer._cache = {}
+    try:
+        yield model
+    finally:
+        for layer in found:
+            layer._cache = None
 
 
 def layers(model: nn.Module) -> dict[str, Linear4bit]:

@@ -105,6 +105,21 @@ def test_backward_gives_the_input_gradient_and_keeps_no_dequantized_weight():
     assert not layer.codes.requires_grad and layer.codes.grad is None
 
 
+def test_dequantize_once_generates_the_same_tokens_and_lets_the_weights_go():
+    model = quantized.quantize_model(tiny_llama())
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    calls = []
+    q = model.model.layers[0].self_attn.q_proj
+    q.dequantized = lambda: calls.append(1) or Linear4bit.dequantized(q)  # count the dequantizations
+    with torch.no_grad():
+        fresh = model.generate(ids, 6)
+        per_token = len(calls)
+        with quantized.dequantize_once(model):
+            once = model.generate(ids, 6)
+    assert torch.equal(once, fresh) and per_token == 6 and len(calls) == per_token + 1
+    assert all(layer._cache is None for layer in quantized.layers(model).values())
+
+
 def test_storage_is_what_bits_per_parameter_says():
     for n_in, n_out in ((576, 576), (29, 37)):
         for double_quant in (False, True):
