@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pefttutor.methods import adapters, llama_adapter, lora, prefix_tuning, prompt_tuning
+from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
 
 from kits import Kit
 
@@ -35,13 +35,36 @@ def lora_ours(targets: str, r: int = 8) -> Callable:
     return lambda model, kit: lora.apply(model, getattr(kit, targets), r=r, alpha=2 * r, train=kit.train_heads)
 
 
-def lora_peft(targets: str, r: int = 8) -> Callable:
+def lora_peft(targets: str, r: int = 8, use_dora: bool = False) -> Callable:
     def apply(model, kit):
         import peft
 
-        return _peft(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(getattr(kit, targets))))
+        return _peft(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(getattr(kit, targets)),
+                                            use_dora=use_dora))
 
     return apply
+
+
+def _dora_ours(targets: str, r: int = 8) -> Callable:
+    return lambda model, kit: dora.apply(model, getattr(kit, targets), r=r, alpha=2 * r, train=kit.train_heads)
+
+
+# IA3 as peft lays it out: keys, values and the feed-forward output projection, whose input is scaled
+# (BERT's "output.dense" also names the attention's output projection: peft scales both, and so do we)
+IA3_LAYOUT = {"smollm2": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+              "minilm": (("key", "value", "output.dense"), ("output.dense",))}
+
+
+def _ia3_ours(model, kit):
+    targets, feedforward = IA3_LAYOUT[kit.name]
+    return ia3.apply(model, targets, feedforward=feedforward, train=kit.train_heads)
+
+
+def _ia3_peft(model, kit):
+    import peft
+
+    targets, feedforward = IA3_LAYOUT[kit.name]
+    return _peft(model, peft.IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward)))
 
 
 def _prompt_tuning_peft(model, kit):
@@ -85,6 +108,8 @@ METHODS: dict[str, Method] = {
     "full": Method("full finetuning", _full, _full),
     "lora_qv": Method("LoRA Wq,Wv r=8", lora_ours("qv"), lora_peft("qv")),
     "lora_all": Method("LoRA all linear r=8", lora_ours("all_linear"), lora_peft("all_linear")),
+    "dora_qv": Method("DoRA Wq,Wv r=8", _dora_ours("qv"), lora_peft("qv", use_dora=True)),
+    "ia3": Method("IA3 (k, v, feed-forward)", _ia3_ours, _ia3_peft),
     "prompt_tuning": Method(
         "soft prompt (20 tokens)", lambda m, kit: prompt_tuning.apply(m, 20, train=kit.train_heads), _prompt_tuning_peft),
     "prefix_tuning": Method(
@@ -100,12 +125,12 @@ METHODS: dict[str, Method] = {
 # has no bottleneck adapters). `ours(model, kit)` / `peft(hf, kit)` return the eval-mode model.
 
 
-def _merged_ours(targets: str) -> Callable:
-    return lambda model, kit: lora.merge(lora_ours(targets)(model, kit))
+def _merged_ours(method, apply: Callable) -> Callable:
+    return lambda model, kit: method.merge(apply(model, kit))
 
 
-def _merged_peft(targets: str) -> Callable:
-    return lambda model, kit: lora_peft(targets)(model, kit).merge_and_unload()
+def _merged_peft(apply: Callable) -> Callable:
+    return lambda model, kit: apply(model, kit).merge_and_unload()
 
 
 def _adapters(placement: str) -> Callable:
@@ -119,15 +144,22 @@ def _adapters(placement: str) -> Callable:
 VARIANTS: dict[str, Method] = {
     "base": Method("base model", lambda m, kit: m, lambda m, kit: m),  # timed in every group's loop
     "lora_qv": Method("LoRA Wq,Wv r=8, unmerged", lora_ours("qv"), lora_peft("qv")),
-    "lora_qv_merged": Method("LoRA Wq,Wv r=8, merged", _merged_ours("qv"), _merged_peft("qv")),
+    "lora_qv_merged": Method("LoRA Wq,Wv r=8, merged", _merged_ours(lora, lora_ours("qv")), _merged_peft(lora_peft("qv"))),
     "lora_all": Method("LoRA all linear r=8, unmerged", lora_ours("all_linear"), lora_peft("all_linear")),
-    "lora_all_merged": Method("LoRA all linear r=8, merged", _merged_ours("all_linear"), _merged_peft("all_linear")),
+    "lora_all_merged": Method("LoRA all linear r=8, merged", _merged_ours(lora, lora_ours("all_linear")),
+                              _merged_peft(lora_peft("all_linear"))),
+    "dora_qv": Method("DoRA Wq,Wv r=8, unmerged", _dora_ours("qv"), lora_peft("qv", use_dora=True)),
+    "dora_qv_merged": Method("DoRA Wq,Wv r=8, merged", _merged_ours(dora, _dora_ours("qv")),
+                             _merged_peft(lora_peft("qv", use_dora=True))),
+    "ia3": Method("IA3, unmerged", _ia3_ours, _ia3_peft),
+    "ia3_merged": Method("IA3, merged", _merged_ours(ia3, _ia3_ours), _merged_peft(_ia3_peft)),
     **{f"adapters_{p}": Method(f"bottleneck adapters, {p}, size 64", _adapters(p), None)
        for p in ("houlsby", "pfeiffer", "parallel")},
 }
 
 # timed together with the base models, one loop per group (a loop holds every model of its group)
-LATENCY_GROUPS = (("lora_qv", "lora_qv_merged"), ("lora_all", "lora_all_merged"),
+LATENCY_GROUPS = (("lora_qv", "lora_qv_merged"), ("lora_all", "lora_all_merged"), ("dora_qv", "dora_qv_merged"),
+                  ("ia3", "ia3_merged"),
                   ("adapters_houlsby", "adapters_pfeiffer", "adapters_parallel"))
 
 

@@ -184,7 +184,7 @@ def _targets(result: dict, idx: dict) -> list[str]:
               and r["metric"] == "latency_vs_base" and r["method"].endswith("_merged")]
     if merged:
         ok = sum(r["median"] <= 1.03 for r in merged)
-        lines.append(f"- merged LoRA latency within 3% of the base model (pefttutor, median paired ratio): {ok} of"
+        lines.append(f"- merged LoRA, DoRA and IA3 latency within 3% of the base model (pefttutor, median paired ratio): {ok} of"
                      f" {len(merged)} rows: " + ", ".join(
                          f"{r['model']} {r['method'].removesuffix('_merged')} B={r['batch']} {r['median']:.3f}"
                          for r in merged) + ".")
@@ -195,9 +195,9 @@ def _targets(result: dict, idx: dict) -> list[str]:
                          f" run is {fastest:.3f}x the base model's fastest"
                          + (f" ({_parts()['merged_noise']})." if fastest <= 1.03 else "."))
     unmerged = [r for r in recs if r["section"] == "latency" and r["metric"] == "latency_vs_base"
-                and r["method"] in ("lora_qv", "lora_all") and r["impl"] == "pefttutor"]
+                and r["method"] in ("lora_qv", "lora_all", "dora_qv", "ia3") and r["impl"] == "pefttutor"]
     if unmerged:
-        lines.append("- unmerged LoRA latency over the base model, pefttutor / peft: " + ", ".join(
+        lines.append("- unmerged LoRA, DoRA and IA3 latency over the base model, pefttutor / peft: " + ", ".join(
             f"{r['model']} {r['method']} B={r['batch']} {r['median']:.2f}x / "
             + (f"{other(r)['median']:.2f}x" if other(r) else "—") for r in unmerged) + ".")
 
