@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning
+from pefttutor import quant, quantized
+from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning, qlora
 
 from kits import Kit
 
@@ -67,6 +68,36 @@ def _ia3_peft(model, kit):
     return _peft(model, peft.IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward)))
 
 
+def _qlora_ours(model, kit):
+    quantized.quantize_model(model, kit.all_linear)  # NF4, double quantization: QLoRA's format
+    return qlora.apply(model, kit.all_linear, r=8, alpha=16)
+
+
+def _to_bnb_4bit(model: nn.Module, targets: tuple[str, ...]) -> nn.Module:
+    """Each targeted nn.Linear of a transformers model as bitsandbytes' Linear4bit (NF4, double
+    quantization, blocks of 64), what `from_pretrained(quantization_config=BitsAndBytesConfig(...))`
+    builds; its compute dtype follows the input (autocast's, where on)."""
+    import bitsandbytes as bnb
+
+    for path, linear in [(p, m) for p, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and p.rsplit(".", 1)[-1] in targets]:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compress_statistics=True, quant_type="nf4", device="cpu")
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=quant.BLOCK)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, layer.to(linear.weight.device))
+    return model
+
+
+def _qlora_peft(model, kit):
+    import peft
+
+    return _peft(_to_bnb_4bit(model, kit.all_linear), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(kit.all_linear)))
+
+
 def _prompt_tuning_peft(model, kit):
     import peft
 
@@ -110,6 +141,8 @@ METHODS: dict[str, Method] = {
     "lora_all": Method("LoRA all linear r=8", lora_ours("all_linear"), lora_peft("all_linear")),
     "dora_qv": Method("DoRA Wq,Wv r=8", _dora_ours("qv"), lora_peft("qv", use_dora=True)),
     "ia3": Method("IA3 (k, v, feed-forward)", _ia3_ours, _ia3_peft),
+    "qlora": Method("QLoRA all linear r=8 (NF4 + double quant; peft on bitsandbytes)", _qlora_ours, _qlora_peft,
+                    models=("smollm2",)),
     "prompt_tuning": Method(
         "soft prompt (20 tokens)", lambda m, kit: prompt_tuning.apply(m, 20, train=kit.train_heads), _prompt_tuning_peft),
     "prefix_tuning": Method(

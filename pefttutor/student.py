@@ -111,6 +111,8 @@ REFERENCES: dict[tuple[str, str], str] = {
         "\n"
         "\n"
         "answer = next(k for k in range(1, 1 + sum(cfg.r for cfg, _ in adapters)) if svd_error(k) <= 0.01)",
+    ("beyond_lora", "mlp_only_loss"):  # the answer is this notebook's experiment
+        'answer = val_loss(quantized.quantize_model(copy.deepcopy(llm), ["gate_proj", "up_proj", "down_proj"]))',
 }
 
 

@@ -291,12 +291,34 @@ def test_prefix_attention_layer_experiment_right_and_wrong(capsys):
     assert ex.check(...) is None
 
 
+def tiny_llama_and_val_loss():
+    """Notebook 07's experiment in miniature: a tiny Llama (its block matrices scaled up 16x, so that 4-bit
+    rounding moves the loss by more than the checker's tolerance) and a val_loss on one batch."""
+    import torch
+
+    from pefttutor import train
+
+    model = tiny_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(16)
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    @torch.no_grad()
+    def val_loss(m):
+        return train.causal_lm_loss(m.eval(), batch).item()
+
+    return model, val_loss
+
+
 @functools.cache
 def every_exercise():
     """Each notebook's exercises, built as the notebooks build them (stand-ins for what they measure),
     with the kind of answer each takes."""
-    from pefttutor.exercises import (adapters, conclusion, introduction, llama_adapter, lora, models_and_data, prefix,
-                                     production, prompts)
+    from pefttutor.exercises import (adapters, beyond_lora, conclusion, introduction, llama_adapter, lora, models_and_data,
+                                     prefix, production, prompts)
 
     rows = [{"method": "full", "gap": None, "file_bytes": 90e6}, {"method": "lora-qv", "gap": (-0.7, 0.6), "file_bytes": 3e5}]
     count, number, name, function = "an int", "a number", "a str", "a function"
@@ -335,6 +357,9 @@ def every_exercise():
         "production.llama7b_allreduce": (production.llama7b_allreduce(), count),
         "production.llama7b_ring": (production.llama7b_ring(), count),
         "production.smallest_svd_rank": (production.smallest_svd_rank(two_lora_adapters(), [1.0, 1.0]), count),
+        "beyond_lora.bits_with_double_quant": (beyond_lora.bits_with_double_quant(), number),
+        "beyond_lora.dora_extra_params": (beyond_lora.dora_extra_params(), count),
+        "beyond_lora.mlp_only_loss": (beyond_lora.mlp_only_loss(*tiny_llama_and_val_loss()), number),
     }
 
 
@@ -406,3 +431,31 @@ def test_a_numpy_count_is_an_int(capsys):
     assert Exercise("n", exact_count(5), hint="", solution="").check(np.int64(5)) is True
     assert Exercise("n", exact_count(5), hint="", solution="").check(np.int64(6)) is False
     assert "you have 6" in capsys.readouterr().out
+
+
+def test_beyond_lora_checkers_right_and_wrong(capsys):
+    import copy
+
+    from pefttutor import quantized
+    from pefttutor.exercises import beyond_lora as nb07
+
+    ex1 = nb07.bits_with_double_quant()
+    assert ex1.check(4 + 8 / 64 + 32 / (64 * 256)) is True and "4.1270" in capsys.readouterr().out
+    assert ex1.check(4.5) is False and "without double quantization" in capsys.readouterr().out
+    assert ex1.check(4.125) is False and "their own fp32 absmax" in capsys.readouterr().out
+    assert ex1.check("4.127") is False and "expected a number, got str" in capsys.readouterr().out
+    ex2 = nb07.dora_extra_params("llama-7b", ("q", "v"), r=8)
+    assert ex2.check(32 * (4096 + 4096)) is True
+    assert ex2.check(32 * (4096 + 4096) + 32 * 2 * 8 * 8192) is False and "DoRA's total" in capsys.readouterr().out
+    assert ex2.check(262_144.0) is False and "expected an int, got float" in capsys.readouterr().out
+    smol = nb07.dora_extra_params("smollm2-135m", ("q", "k", "v"))  # GQA: k and v have 192 outputs
+    assert smol.check(30 * (576 + 192 + 192)) is True
+    model, val_loss = tiny_llama_and_val_loss()
+    ex3 = nb07.mlp_only_loss(model, val_loss)
+    mlp = val_loss(quantized.quantize_model(copy.deepcopy(model), ["gate_proj", "up_proj", "down_proj"]))  # the reader's
+    both = val_loss(quantized.quantize_model(copy.deepcopy(model)))
+    assert min(abs(mlp - both), abs(mlp - val_loss(model)), abs(both - val_loss(model))) > 1e-3  # told apart
+    assert ex3.check(mlp) is True and "4 bits hurt the" in capsys.readouterr().out
+    assert ex3.check(both) is False and "every linear in 4 bits" in capsys.readouterr().out
+    assert ex3.check(val_loss(model)) is False and "full-precision model" in capsys.readouterr().out
+    assert ex3.check(None) is None and not quantized.layers(model)  # the reader's model is never quantized

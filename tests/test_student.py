@@ -211,10 +211,13 @@ def _experiment_cases() -> dict:
     import copy
     import statistics
 
-    from test_exercises import tiny_classifier_and_batches, tiny_prefixed_llama_and_ids, trained_lora_pair
+    from test_exercises import (tiny_classifier_and_batches, tiny_llama_and_val_loss, tiny_prefixed_llama_and_ids,
+                                trained_lora_pair)
 
     from pefttutor import config, train, widgets
-    from pefttutor.exercises import adapters as nb04, llama_adapter as nb04_llama, lora as nb05, prefix as nb03
+    from pefttutor import quantized
+    from pefttutor.exercises import adapters as nb04, beyond_lora as nb07, llama_adapter as nb04_llama, lora as nb05
+    from pefttutor.exercises import prefix as nb03
     from pefttutor.methods import adapters, llama_adapter
 
     model, ids = tiny_prefixed_llama_and_ids()
@@ -241,6 +244,7 @@ def _experiment_cases() -> dict:
             a.adaption_gate.normal_(std=0.5)  # open, as after training
     heldout = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     dW, q = trained_lora_pair()
+    llm, val_loss_07 = tiny_llama_and_val_loss()
     return {
         ("prefix", "prefix_attention_layer"): (nb03.prefix_attention_layer(model, ids),
                                                {"attention_viewer": viewer, "first_example": "the example"}),
@@ -252,6 +256,8 @@ def _experiment_cases() -> dict:
                                                   "train": train, "adapted_llm": adapted, "heldout": heldout,
                                                   "n_layers": 12}),
         ("lora", "update_overlap"): (nb05.update_overlap(dW, q), {"torch": torch, "q": q, "dW": dW}),
+        ("beyond_lora", "mlp_only_loss"): (nb07.mlp_only_loss(llm, val_loss_07),
+                                           {"copy": copy, "quantized": quantized, "llm": llm, "val_loss": val_loss_07}),
     }
 
 
