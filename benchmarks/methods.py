@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pefttutor import quant, quantized
+from pefttutor import params, quant, quantized
 from pefttutor.methods import adapters, dora, ia3, llama_adapter, lora, prefix_tuning, prompt_tuning, qlora
 
 from kits import Kit
@@ -79,16 +79,14 @@ def _to_bnb_4bit(model: nn.Module, targets: tuple[str, ...]) -> nn.Module:
     builds; its compute dtype follows the input (autocast's, where on)."""
     import bitsandbytes as bnb
 
-    for path, linear in [(p, m) for p, m in model.named_modules()
-                         if isinstance(m, nn.Linear) and p.rsplit(".", 1)[-1] in targets]:
+    for path, linear in params.find_modules(model, targets).items():
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compress_statistics=True, quant_type="nf4", device="cpu")
         layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True, blocksize=quant.BLOCK)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, layer.to(linear.weight.device))
+        params.replace_module(model, path, layer.to(linear.weight.device))
     return model
 
 
