@@ -55,7 +55,7 @@ def dora_extra_params(arch: str = "llama-7b", targets: tuple[str, ...] = ("q", "
             return True, f"{extra:,} magnitudes, {extra / lora_n:.1%} on top of LoRA's {lora_n:,}"
         if answer == extra + lora_n:
             return False, f"that is DoRA's total; the question is what it adds to LoRA's {lora_n:,}"
-        if answer == a.n_layers * sum(shapes[t][0] for t in targets) and answer != extra:
+        if answer == a.n_layers * sum(shapes[t][0] for t in targets):
             return False, "one magnitude per output row (peft's norm is over each row of W, dim=1), not per input"
         return False, f"you have {answer:,}"
 
