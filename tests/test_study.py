@@ -317,3 +317,51 @@ def test_quality_rows_show_the_summary_with_its_verdict(fast_mode):
     assert lora["Δ vs full (points)"] == report.format_gap(by_name["lora-qv"]["gap"], ", indistinguishable")
     assert shown[experiments.LABELS["full"]]["Δ vs full (points)"] == "—"
     assert "indistinguishable" not in shown[experiments.LABELS["head"]]["Δ vs full (points)"]  # 9 points below
+
+
+class _ScriptedTask:
+    """A classification task on random tokens whose validation scores follow `scores`, counting
+    the test passes: what `_train_run` does around the training loop, without the real data."""
+
+    metric, mode = "accuracy", "max"
+    loss = staticmethod(train.classification_loss)
+
+    def __init__(self, scores):
+        self.scores, self.test_passes = iter(scores), []
+        g = torch.Generator().manual_seed(0)
+        self.batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=g),
+                      "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": torch.tensor([0, 1, 2, 0])}
+
+    def budget(self, epochs):
+        return protocol.Budget(max_steps=6, eval_every=2, patience=2)
+
+    def new_model(self, seed):
+        return BertClassifier(tiny_bert(seed), 3)
+
+    def train_batches(self, seed):
+        return lambda epoch: [self.batch]
+
+    def validate(self, model):
+        return {"accuracy": next(self.scores)}
+
+    def evaluate(self, model, split, predictions=False):
+        assert split == "test"
+        self.test_passes.append(predictions)
+        out = {"accuracy": round(float(model.classifier.weight.detach().sum()), 6), "n": 4}
+        return {**out, "predictions": [0, 1, 2, 0]} if predictions else out
+
+    def latency_batch(self):
+        return self.batch
+
+
+@pytest.mark.parametrize("scores, best_step, passes", [
+    ([0.5, 0.6, 0.7], 6, [True]),  # best at the last step: one test pass serves both
+    ([0.5, 0.7, 0.6], 4, [False, True]),  # best earlier: the end's weights, then the best's restored
+])
+def test_a_run_evaluates_the_test_set_once_when_its_last_step_is_its_best(scores, best_step, passes):
+    task = _ScriptedTask(scores)
+    exp = {"spec": {"method": "head"}, "autocast": None, "epochs": 1, "seed": 0, "lr": 1e-2}
+    out = runner._train_run(exp, task, torch.device("cpu"))
+    assert out["steps"] == 6 and out["best"]["step"] == best_step and task.test_passes == passes
+    assert "predictions" in out["best"]["test"] and "predictions" not in out["end"]["test"]
+    assert (out["best"]["test"]["accuracy"] == out["end"]["test"]["accuracy"]) is (best_step == 6)
