@@ -111,3 +111,32 @@ def test_interop_with_peft_both_ways(direction, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() > 1e-3  # the adapter does something
+
+
+def test_without_gradients_the_norm_is_computed_once_and_follows_every_weight_change(monkeypatch):
+    m = layer().eval()
+    x = torch.randn(4, 12)
+    calls = []
+    compute = DoRALinear.weight_norm
+    monkeypatch.setattr(DoRALinear, "weight_norm", lambda self: calls.append(1) or compute(self))
+    fresh = lambda: copy.deepcopy(m)(x)  # noqa: E731  a new layer: nothing cached
+    with torch.no_grad():
+        for _ in range(3):
+            y = m(x)
+        assert len(calls) == 1  # generation's many forwards: one norm
+        torch.testing.assert_close(y, fresh(), rtol=0, atol=0)
+        for change in (lambda: m.lora_B.weight.add_(0.1), lambda: m.lora_A.weight.mul_(1.1),
+                       lambda: m.base.weight.sub_(0.05), lambda: m.load_state_dict(layer(seed=1).state_dict())):
+            before = m(x)
+            change()
+            after = m(x)
+            assert not torch.allclose(before, after)
+            torch.testing.assert_close(after, fresh(), rtol=0, atol=0)
+        m.base.weight = nn.Parameter(torch.randn(10, 12))  # replaced, not changed in place
+        torch.testing.assert_close(m(x), fresh(), rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), fresh(), rtol=0, atol=0)
+    n = len(calls)
+    m(x).sum().backward()  # with gradients: computed every time, as before
+    m(x)
+    assert len(calls) == n + 2

@@ -6,8 +6,10 @@ DoRA splits each adapted weight into a magnitude and a direction, and adapts the
 
 m starts at ||W0|| (per row) and B at zero, so W' = W0 at the start; m, A and B train. As in the
 paper (section 4.3) and HF peft, the norm is treated as a constant in backward (it is detached),
-which saves memory at no loss of accuracy. Trainable: LoRA's r (d_in + d_out) plus d_out per
-adapted matrix. W' is a plain matrix, so `merge` folds it into W0 and `unmerge` takes it out.
+which saves memory at no loss of accuracy. Without gradients (validation, generation) the norm is
+computed once and reused until a weight changes in place, moves or is replaced. Trainable: LoRA's
+r (d_in + d_out) plus d_out per adapted matrix. W' is a plain matrix, so `merge` folds it into W0
+and `unmerge` takes it out.
 
     model = dora.apply(model, ("q_proj", "v_proj"), r=8, alpha=16)
     ...train...
@@ -38,15 +40,29 @@ class DoRALinear(LoRALinear):
         super().__init__(base, r, alpha, dropout, rslora)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm().detach())  # m = ||W0||: (d_out,)
         self._merged_norm: torch.Tensor | None = None  # ||W0 + s B A|| at merge time, to unmerge exactly
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None  # (weights' identity and versions, norm)
 
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A|| per output row: (d_out,)."""
         return torch.linalg.norm(self.base.weight + self.delta_weight(), dim=1)
 
+    def _norm(self) -> torch.Tensor:
+        """The detached norm; without gradients, cached: generation would redo it for every token."""
+        weights, device = (self.base.weight, self.lora_A.weight, self.lora_B.weight), self.base.weight.device.type
+        if torch.is_grad_enabled() or any(w.is_inference() for w in weights):  # inference tensors have no version
+            self._norm_cache = None
+            return self.weight_norm().detach()
+        # an optimizer step or a load bumps _version, .to() or a new tensor changes data_ptr, autocast the dtype
+        key = tuple((w.data_ptr(), w._version) for w in weights) + (self.scaling,
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = key, self.weight_norm()
+        return self._norm_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         if self.merged:
             return super().forward(x)  # W0 holds W'; refuses training mode
-        scale = self.lora_magnitude_vector / self.weight_norm().detach()  # m / ||W0 + s B A||: (d_out,)
+        scale = self.lora_magnitude_vector / self._norm()  # m / ||W0 + s B A||: (d_out,)
         x_ = self.dropout(x)
         base = self.base(x)  # W0 x + b
         base_ = F.linear(x_, self.base.weight) if x_ is not x else base - (0 if self.base.bias is None else self.base.bias)
